@@ -1,0 +1,119 @@
+"""Atomic output files: write to a temporary file in the same folder, fsync, rename.
+
+A run killed at any moment leaves either the old file or the complete new one, never a
+truncated file that a re-run would trust. Every output of the pipeline that a later
+stage or a re-run reads (manifest, summaries, CSVs, embeddings, reports) goes through
+these helpers. ``metrics.jsonl`` is the one append-only log; its reader skips a torn
+last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+  """Opens a temporary sibling of ``path``; renames it onto ``path`` on success.
+
+  On an exception the temporary file is removed and ``path`` is left untouched.
+  """
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_open supports 'w' and 'wb', not {mode!r}")
+  path = os.fspath(path)
+  folder = os.path.dirname(path) or "."
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+  _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+  with contextlib.suppress(OSError):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  with atomic_open(path, "w") as f:
+    f.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  with atomic_open(path, "wb") as f:
+    f.write(data)
+
+
+def to_json(obj: Any) -> str:
+  """Deterministic JSON (sorted keys, 1-space indent, trailing newline)."""
+  return json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
+
+
+def _json_default(x: Any) -> Any:
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  write_text(path, to_json(obj))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+  """``np.savez`` through a temporary file (np.savez itself writes in place)."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  write_bytes(path, buf.getvalue())
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+  """Appends one JSON line and flushes it to disk."""
+  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+  line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads a JSON-lines log, skipping a last line torn by a kill."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
