@@ -19,6 +19,15 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
   """Opens a temporary sibling of ``path``; renames it onto ``path`` on success.
@@ -31,6 +40,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
   folder = os.path.dirname(path) or "."
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; outputs follow the umask
   try:
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
       yield f
@@ -92,10 +102,14 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
   write_bytes(path, buf.getvalue())
 
 
+def to_json_line(record: dict[str, Any]) -> str:
+  return json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
   """Appends one JSON line and flushes it to disk."""
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  line = json.dumps(record, sort_keys=True, default=_json_default) + "\n"
+  line = to_json_line(record)
   with open(path, "a", encoding="utf-8") as f:
     f.write(line)
     f.flush()
