@@ -1,0 +1,419 @@
+"""Stage `pretrain`: multitask pretraining of the encoder (SLAM-AGS and its baselines).
+
+Pure functions first (what a step computes), then the stage (the loop, logging,
+checkpoints). One step serves every method of the benchmark; a method is a set of
+tasks plus the rule that combines their gradients:
+
+| method       | tasks (loss on which views)                         | combine |
+|--------------|-----------------------------------------------------|---------|
+| `slam_ags`   | NT-Xent on positive patches, similarity on negative | AGS     |
+| `weaksupcon` | same two tasks                                      | sum     |
+| `pcgrad`     | same two tasks                                      | PCGrad  |
+| `simclr`     | NT-Xent on all patches (bag labels unused)          | T = 1   |
+| `weakly`     | cross-entropy of patches with their bag label       | T = 1   |
+| `random`     | none: the randomly initialised encoder              | -       |
+
+Per-task gradients: each task's loss is differentiated with `jax.grad` through its own
+views only, so the tasks together cost one backward pass over the batch. The stacked
+task gradients go through the `surgery` transform, then coupled weight decay and SGD
+with momentum (PyTorch's SGD semantics).
+
+Views and BatchNorm: the reference makes four forward passes per step (positive views 1
+and 2, negative views 1 and 2) so that BatchNorm statistics are per view batch; here
+each task makes one forward call over its two views and `models.BatchNorm` keeps the
+statistics per view batch (same normalisation, larger convolutions). Running
+statistics are updated in the reference's order (positive, then negative views).
+
+Where this project differs from the reference on purpose: batches come from proper
+shuffled epochs (`input_pipeline`), not a window sliding by one image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from slamags_jax import losses, models, surgery
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  tasks: tuple[str, ...]  # task names, in the order of the stacked gradients
+  combine: str  # "ags" | "pcgrad" | "sum"
+  neg_center_view: bool  # negative view 0 is the plain centre crop (SLAM methods)
+
+
+METHODS = {
+    "slam_ags": Method(("ntxent", "similarity"), "ags", True),
+    "weaksupcon": Method(("ntxent", "similarity"), "sum", True),
+    "pcgrad": Method(("ntxent", "similarity"), "pcgrad", True),
+    "simclr": Method(("ntxent_all",), "sum", False),
+    "weakly": Method(("ce",), "sum", False),
+    "random": Method((), "sum", False),
+}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32, steps taken (skipped non-finite steps included)
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  bad_streak: jax.Array  # int32, consecutive skipped (non-finite) steps
+  bad_total: jax.Array  # int32, all skipped steps
+
+
+def combine_transform(method: Method, seed: int) -> optax.GradientTransformation:
+  t = max(len(method.tasks), 1)
+  if method.combine == "ags":
+    return surgery.adaptive_gradient_surgery(num_tasks=t, seed=seed)
+  if method.combine == "pcgrad":
+    return surgery.pcgrad(num_tasks=t, seed=seed)
+  return surgery.sum_tasks(num_tasks=t)
+
+
+def lr_schedule(peak: float, epochs: int, warmup_epochs: int, steps_per_epoch: int) -> Callable:
+  """Linear warm-up over `warmup_epochs`, then cosine decay to 0 at `epochs`, stepped per epoch.
+
+  As the reference, the learning rate changes once per epoch: in epoch e (0-based) it is
+  peak * (e + 1) / warmup during warm-up, then peak * (1 + cos(pi * (e - W) / (E - W))) / 2.
+  """
+  spe = max(int(steps_per_epoch), 1)
+
+  def schedule(count):
+    e = jnp.asarray(count, jnp.float32) // spe
+    warm = peak * (e + 1.0) / max(warmup_epochs, 1)
+    span = max(epochs - warmup_epochs, 1)
+    cos = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * jnp.clip(e - warmup_epochs, 0, span) / span))
+    return jnp.where(e < warmup_epochs, warm, cos)
+  return schedule
+
+
+def make_optimizer(cfg, method: Method, steps_per_epoch: int) -> optax.GradientTransformation:
+  p = cfg.pretrain
+  return optax.chain(
+      combine_transform(method, cfg.seed),
+      optax.add_decayed_weights(p.weight_decay),
+      optax.sgd(lr_schedule(p.lr, p.epochs, p.warmup_epochs, steps_per_epoch), momentum=p.momentum))
+
+
+def init_variables(model: models.SlamModel, key: jax.Array, crop: int) -> dict:
+  """Parameters and BatchNorm statistics (shapes do not depend on views or devices)."""
+  plain = model.clone(views=1, device_groups=1)
+  return plain.init(key, jnp.zeros((2, crop, crop, 3), jnp.float32), train=True)
+
+
+def create_train_state(model, tx, key, crop: int) -> TrainState:
+  variables = init_variables(model, key, crop)
+  params = variables["params"]
+  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
+  return TrainState(step=zero(), params=params, batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(params), bad_streak=zero(), bad_total=zero())
+
+
+def _forward_views(model, params, stats, images, mean, std):
+  """uint8 [B, V, h, w, 3] -> outputs [B, V, ...] and updated BatchNorm statistics."""
+  b, v = images.shape[:2]
+  x = models.normalize(images.reshape((b * v,) + images.shape[2:]), mean, std, model.dtype)
+  out, upd = model.clone(views=v).apply({"params": params, "batch_stats": stats}, x, train=True,
+                                        mutable=["batch_stats"])
+  return jax.tree_util.tree_map(lambda a: a.reshape((b, v) + a.shape[1:]), out), upd["batch_stats"]
+
+
+def task_loss(task: str, model, params, stats, batch, *, mean, std, temperature):
+  """One task's loss and the BatchNorm statistics after its forward pass."""
+  if task == "ntxent":
+    out, stats = _forward_views(model, params, stats, batch["pos"], mean, std)
+    return losses.nt_xent(out["head"][:, 0], out["head"][:, 1], temperature), stats
+  if task == "similarity":
+    out, stats = _forward_views(model, params, stats, batch["neg"], mean, std)
+    return losses.similarity_loss(out["head"], temperature), stats
+  both = jnp.concatenate([batch["pos"], batch["neg"]], axis=0)
+  out, stats = _forward_views(model, params, stats, both, mean, std)
+  if task == "ntxent_all":
+    return losses.nt_xent(out["head"][:, 0], out["head"][:, 1], temperature), stats
+  if task == "ce":
+    n_pos, n_neg = batch["pos"].shape[0], batch["neg"].shape[0]
+    labels = jnp.concatenate([jnp.ones((n_pos,), jnp.int32), jnp.zeros((n_neg,), jnp.int32)])
+    labels = jnp.repeat(labels[:, None], out["logits"].shape[1], axis=1)
+    return losses.bag_label_cross_entropy(out["logits"].reshape(-1, 2), labels.reshape(-1)), stats
+  raise ValueError(f"unknown task {task!r}")
+
+
+def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, std, temperature):
+  """Each task's loss and gradient (through its own views only), and the new BN statistics.
+
+  Tasks run in the method's order, threading the BatchNorm running statistics through
+  them (positive views first, as the reference's forward passes).
+  """
+  stats = batch_stats
+  task_losses, grads = [], []
+  for task in method.tasks:
+    fn = functools.partial(task_loss, task, model, mean=mean, std=std, temperature=temperature)
+    (loss, stats), g = jax.value_and_grad(fn, has_aux=True)(params, stats, batch)
+    task_losses.append(loss)
+    grads.append(g)
+  return task_losses, grads, stats
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mean, std,
+               temperature: float) -> tuple[TrainState, dict]:
+  """One optimisation step: per-task gradients -> surgery -> weight decay -> SGD.
+
+  A step whose loss or gradients are not finite changes nothing but the counters
+  (`bad_streak`, `bad_total`); the loop stops the run after too many in a row.
+  """
+  task_losses, grads, stats = task_gradients(state.params, state.batch_stats, batch, model=model, method=method,
+                                             mean=mean, std=std, temperature=temperature)
+  stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
+  updates, opt_state = tx.update(stacked, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  total = sum(task_losses)
+  ok = jnp.isfinite(total) & all_finite(grads)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+      bad_total=state.bad_total + jnp.where(ok, 0, 1))
+  metrics = {"loss": total, "finite": ok}
+  for name, value in zip(method.tasks, task_losses):
+    metrics[f"loss/{name}"] = value
+  diag = surgery.diagnostics(opt_state)
+  if len(method.tasks) > 1:
+    t = len(method.tasks)
+    off = ~jnp.eye(t, dtype=bool)
+    metrics["surgery/cosine"] = jnp.sum(jnp.where(off, diag.cosine, 0.0)) / (t * (t - 1))
+    metrics["surgery/projected"] = diag.projected.astype(jnp.float32)
+  metrics["surgery/norm_sum"] = diag.norm_sum
+  metrics["surgery/norm_out"] = diag.norm_out
+  return new_state, metrics
+
+
+def param_l2(params) -> float:
+  """L2 norm over all trained parameters (float64 on the host)."""
+  return float(math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                             for x in jax.tree_util.tree_leaves(params))))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def effective_rank(embeddings: np.ndarray) -> float:
+  """exp(entropy of the normalised singular values) (Roy & Vetterli 2007; RankMe).
+
+  Between 1 (every embedding on one line: collapse) and min(n, D).
+  """
+  s = np.linalg.svd(np.asarray(embeddings, np.float64), compute_uv=False)
+  if not np.any(s > 0):
+    return 0.0
+  p = s / np.sum(s)
+  p = p[p > 0]
+  return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def embedding_spread(embeddings: np.ndarray) -> float:
+  """Mean per-dimension std of the L2-normalised embeddings, times sqrt(D).
+
+  About 1 for embeddings spread over the sphere, 0 when they all coincide (SimSiam's
+  collapse indicator).
+  """
+  z = np.asarray(embeddings, np.float64)
+  z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  return float(np.mean(np.std(z, axis=0)) * math.sqrt(z.shape[1]))
+
+
+def _probe_cells(manifest, cfg) -> np.ndarray:
+  """A fixed set of training cells (from the data seed) for the collapse monitor."""
+  from slamags_jax import bags as bags_lib, config as config_lib
+  pos, neg = bags_lib.pretrain_pools(manifest)
+  pool = np.union1d(pos, neg)
+  n = min(cfg.pretrain.probe_cells, len(pool))
+  rng = np.random.default_rng([config_lib.data_seed(cfg), 7])
+  return np.sort(rng.choice(pool, size=n, replace=False)) if n else np.zeros((0,), np.int64)
+
+
+def _truncate_metrics(path: str, last_step: int) -> list[dict]:
+  """Drops metric lines after ``last_step`` (logged before a kill); returns the rest."""
+  from slamags_jax import fileio
+  kept = [r for r in fileio.read_jsonl(path) if r.get("step", 0) <= last_step]
+  if os.path.exists(path):
+    fileio.write_text(path, "".join(fileio.to_json_line(r) for r in kept))
+  return kept
+
+
+def run(cfg, workdir: str) -> None:
+  """The `pretrain` stage (see module docstring); resumes from the newest checkpoint."""
+  from absl import logging
+  from tqdm import tqdm
+  from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel
+  from slamags_jax.errors import UserError
+
+  out_dir = os.path.join(workdir, "pretrain")
+  metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  os.makedirs(out_dir, exist_ok=True)
+  manifest = bags_lib.load_manifest(workdir)
+  method = METHODS[cfg.pretrain.method]
+  mesh = parallel.data_mesh()
+  writer = parallel.is_writer()
+  model = models.from_config(cfg, device_groups=1 if cfg.model.bn_sync else mesh.size)
+  crop = cfg.data.crop_size
+  key = jax.random.key(cfg.seed)
+  t_start = time.perf_counter()
+
+  probe_ids = _probe_cells(manifest, cfg)
+  probe_images = input_pipeline.center_crops(manifest, cfg, probe_ids) if len(probe_ids) else None
+  embed_fn = embed.make_embed_fn(model, cfg, mesh)
+
+  def probe(variables) -> dict:
+    if probe_images is None or len(probe_images) < 2:
+      return {}
+    z = embed.embed_array(embed_fn, variables, probe_images, mesh, cfg.embed.batch_size)
+    return {"effective_rank": effective_rank(z), "spread": embedding_spread(z)}
+
+  def collapse_warning(epoch, p):
+    if p and (p["effective_rank"] < 2.0 or p["spread"] < 0.05):
+      logging.warning("epoch %d: embeddings of the probe cells look collapsed (effective rank %.2f, "
+                      "spread %.3f); check the learning rate and batch composition", epoch,
+                      p["effective_rank"], p["spread"])
+
+  if not method.tasks:  # `random`: the initialised encoder is the result
+    tx = make_optimizer(cfg, method, 1)
+    state = create_train_state(model, tx, key, crop)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    p = probe(parallel.replicate(variables, mesh))
+    collapse_warning(0, p)
+    checkpoints.save_encoder(os.path.join(out_dir, "encoder"), variables)
+    if writer:
+      fileio.write_json(os.path.join(out_dir, "summary.json"), {
+          "method": cfg.pretrain.method, "steps": 0, "epochs": 0, "final_loss": None,
+          "param_l2": param_l2(state.params), "wall_s": round(time.perf_counter() - t_start, 3),
+          "final_effective_rank": p.get("effective_rank"), "final_spread": p.get("spread"),
+          "conflict_fraction": None, "mean_task_cosine": None, "skipped_steps": 0})
+    return
+
+  n_dev = mesh.size
+  data = input_pipeline.pretrain_data(manifest, cfg, seed=cfg.seed, neg_center_view=method.neg_center_view,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      multiple_of=n_dev)
+  spe, num_steps = data.steps_per_epoch, data.num_steps
+  tx = make_optimizer(cfg, method, spe)
+  schedule = lr_schedule(cfg.pretrain.lr, cfg.pretrain.epochs, cfg.pretrain.warmup_epochs, spe)
+  state = parallel.replicate(create_train_state(model, tx, key, crop), mesh)
+  data_iter = data.iterator()
+  mngr = checkpoints.manager(os.path.join(out_dir, "checkpoints"), cfg.pretrain.keep_checkpoints)
+  start = mngr.latest_step() or 0
+  wall_before = 0.0
+  epoch_losses: list[float] = []
+  if start:
+    state = checkpoints.restore(mngr, start, state, data_iter)
+    logging.info("resumed pretraining from the checkpoint of step %d of %d", start, num_steps)
+    kept = _truncate_metrics(metrics_path, start) if writer else []
+    walls = [r["wall_s"] for r in kept if "wall_s" in r]
+    wall_before = float(walls[-1]) if walls else 0.0
+    epoch_losses.extend(r["loss"] for r in kept if r.get("kind") == "step" and not r.get("skipped")
+                        and r["epoch"] == start // spe)
+  elif writer and os.path.exists(metrics_path):
+    os.unlink(metrics_path)  # a fresh start: metrics of an earlier, checkpoint-less attempt
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, method=method, mean=tuple(cfg.data.mean),
+                        std=tuple(cfg.data.std), temperature=cfg.pretrain.temperature),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+
+  patches = cfg.pretrain.batch_size
+  last = {"step": start, "loss": None, "t": time.perf_counter(), "bad_streak": int(state.bad_streak)}
+  final_probe: dict = {}
+  bar = tqdm(total=num_steps, initial=start, desc=f"pretrain {cfg.pretrain.method}", unit="step",
+             disable=not writer)
+
+  def handle(step: int, metrics: dict) -> None:
+    """Host side of a finished step: log it, stop on a streak of non-finite steps."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    dt = max(now - last["t"], 1e-9) / max(step - last["step"], 1)
+    last.update(step=step, t=now)
+    finite = bool(m.pop("finite"))
+    streak = last["bad_streak"] = 0 if finite else last["bad_streak"] + 1
+    if finite:
+      epoch_losses.append(m["loss"])
+      last["loss"] = m["loss"]
+    rec = {"kind": "step", "step": step, "epoch": (step - 1) // spe, "lr": float(schedule(step - 1)),
+           "images_per_s": round(patches / dt, 2), "wall_s": round(wall_before + now - t_start, 3),
+           "skipped": int(not finite), **{k: v for k, v in m.items()}}
+    if writer and (step % cfg.pretrain.log_every_steps == 0 or not finite or step == num_steps):
+      fileio.append_jsonl(metrics_path, rec)
+    bar.update(1)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_s']:.1f}")
+    if not finite:
+      logging.warning("step %d: non-finite loss or gradients; update skipped (%d in a row)", step, streak)
+    if streak >= cfg.pretrain.max_bad_steps:
+      mngr.wait_until_finished()
+      good = mngr.latest_step()
+      raise UserError(f"{streak} consecutive pretraining steps had non-finite loss or gradients (last at step "
+                      f"{step}); stopped. The last good checkpoint is step {good} in {mngr.directory}; "
+                      "lower pretrain.lr or check the data")
+
+  pending = None
+  for step in range(start + 1, num_steps + 1):
+    batch = parallel.global_batch(next(data_iter), mesh)
+    state, metrics = step_fn(state, batch)
+    if pending is not None:
+      handle(*pending)  # the previous step's metrics: the host never waits on the current step
+    pending = (step, metrics)
+    epoch_end = step % spe == 0
+    if step % cfg.pretrain.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
+      handle(*pending)
+      pending = None
+      if epoch_end:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        final_probe = probe(variables)
+        collapse_warning(step // spe, final_probe)
+        rec = {"kind": "epoch", "epoch": step // spe - 1, "step": step,
+               "loss": float(np.mean(epoch_losses)) if epoch_losses else None, **final_probe}
+        logging.info("epoch %d/%d: loss %s, effective rank %s", step // spe, cfg.pretrain.epochs,
+                     rec["loss"], final_probe.get("effective_rank"))
+        if writer:
+          fileio.append_jsonl(metrics_path, rec)
+        epoch_losses.clear()
+      if last["bad_streak"] == 0 and (step % cfg.pretrain.checkpoint_every_steps == 0 or step == num_steps):
+        checkpoints.save(mngr, step, state, data_iter, force=True)
+  if pending is not None:
+    handle(*pending)
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+
+  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  checkpoints.save_encoder(os.path.join(out_dir, "encoder"), variables)
+  if not final_probe:
+    final_probe = probe(parallel.replicate(variables, mesh))
+  if writer:
+    steps = [r for r in fileio.read_jsonl(metrics_path) if r.get("kind") == "step" and not r.get("skipped")]
+    cos = [r["surgery/cosine"] for r in steps if "surgery/cosine" in r]
+    fileio.write_json(os.path.join(out_dir, "summary.json"), {
+        "method": cfg.pretrain.method, "steps": int(state.step), "epochs": cfg.pretrain.epochs,
+        "steps_per_epoch": spe, "pos_per_step": data.pos_per_step, "neg_per_step": data.neg_per_step,
+        "final_loss": steps[-1]["loss"] if steps else None, "param_l2": param_l2(state.params),
+        "wall_s": round(wall_before + time.perf_counter() - t_start, 3),
+        "final_effective_rank": final_probe.get("effective_rank"), "final_spread": final_probe.get("spread"),
+        "conflict_fraction": float(np.mean([c < 0 for c in cos])) if cos else None,
+        "mean_task_cosine": float(np.mean(cos)) if cos else None,
+        "skipped_steps": int(state.bad_total), "devices": n_dev})

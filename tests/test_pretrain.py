@@ -1,0 +1,216 @@
+"""The pretraining step: per-task gradients, surgery, optimizer, determinism, skips, checkpoints."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from slamags_jax import checkpoints, config as config_lib, losses, models, pretrain, surgery
+
+SIZE = 16
+MEAN, STD = (0.6, 0.55, 0.74), (0.2, 0.24, 0.11)
+
+
+def _cfg(method="slam_ags"):
+  cfg = config_lib.get_base_config()
+  cfg.pretrain.method = method
+  cfg.model.width = 4
+  cfg.model.head_dim = 16
+  cfg.pretrain.lr = 0.05
+  cfg.model.conv_impl = "xla"  # compiles faster; the lowerings are checked equal in test_conv
+  return cfg
+
+
+def _batch(seed=0, pos=4, neg=4):
+  rng = np.random.default_rng(seed)
+  return {"pos": jnp.asarray(rng.integers(0, 256, (pos, 2, SIZE, SIZE, 3), dtype=np.uint8)),
+          "neg": jnp.asarray(rng.integers(0, 256, (neg, 2, SIZE, SIZE, 3), dtype=np.uint8))}
+
+
+class Setup:
+
+  def __init__(self, method, dtype=jnp.float32):
+    self.cfg = _cfg(method)
+    self.method = pretrain.METHODS[method]
+    self.model = models.from_config(self.cfg).clone(dtype=dtype)
+    self.tx = pretrain.make_optimizer(self.cfg, self.method, steps_per_epoch=10)
+    self.step = jax.jit(functools.partial(pretrain.train_step, model=self.model, tx=self.tx, method=self.method,
+                                          mean=MEAN, std=STD, temperature=0.07))
+
+  def state(self, seed=0):
+    return pretrain.create_train_state(self.model, self.tx, jax.random.key(seed), SIZE)
+
+
+@pytest.fixture(scope="module")
+def slam():
+  return Setup("slam_ags")
+
+
+def _tree_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_step_is_deterministic_for_a_seed(slam):
+  runs = []
+  for _ in range(2):
+    state = slam.state(0)
+    for i in range(2):
+      state, metrics = slam.step(state, _batch(i))
+    runs.append(state)
+  assert _tree_equal(runs[0].params, runs[1].params)
+  assert _tree_equal(runs[0].batch_stats, runs[1].batch_stats)
+  assert int(runs[0].step) == 2 and bool(metrics["finite"])
+  other = slam.state(1)
+  assert not _tree_equal(other.params, runs[0].params)
+
+
+def _reference_view_embeddings(model, params, stats, images):
+  """The reference's separate forward pass per view batch (views=1 each)."""
+  outs = []
+  for v in range(images.shape[1]):
+    x = models.normalize(images[:, v], MEAN, STD, model.dtype)
+    out, upd = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+    outs.append(out["head"])
+  return outs, stats
+
+
+@pytest.fixture(scope="module")
+def f64():
+  """Float64 versions of the step and of the reference losses (any mismatch is real)."""
+  with jax.enable_x64(True):
+    setup = Setup("slam_ags", dtype=jnp.float64)
+    to64 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), t)  # noqa: E731
+    state = setup.state(0)
+    params = to64(state.params)
+    state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=setup.tx.init(params))
+    batch = _batch(3)
+    model, stats0 = setup.model, state.batch_stats
+
+    def ntxent(params):
+      (z1, z2), _ = _reference_view_embeddings(model, params, stats0, batch["pos"])
+      return losses.nt_xent(z1, z2, 0.07)
+
+    def similarity(params):
+      zs, _ = _reference_view_embeddings(model, params, stats0, batch["neg"])
+      return losses.similarity_loss(jnp.stack(zs, axis=1), 0.07)
+
+    refs = [jax.jit(jax.value_and_grad(fn))(params) for fn in (ntxent, similarity)]
+    yield setup, state, batch, refs
+
+
+def test_per_task_gradients_equal_grad_of_each_loss_alone(f64):
+  setup, state, batch, refs = f64
+  with jax.enable_x64(True):
+    task_losses, grads, stats = jax.jit(functools.partial(
+        pretrain.task_gradients, model=setup.model, method=setup.method, mean=MEAN, std=STD, temperature=0.07))(
+            state.params, state.batch_stats, batch)
+    for (ref_loss, ref_grad), loss, grad in zip(refs, task_losses, grads):
+      np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)
+      for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-9 * float(np.max(np.abs(r)) + 1e-30))
+    # Running statistics: positive views, then negative views, as four sequential passes.
+    _, s = _reference_view_embeddings(setup.model, state.params, state.batch_stats, batch["pos"])
+    _, s = _reference_view_embeddings(setup.model, state.params, s, batch["neg"])
+    for a, r in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(s)):
+      np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+
+
+def _first_sgd_update(state, combined, cfg):
+  """p' = p - lr * (combined + wd * p): the first SGD step (momentum buffer starts at zero)."""
+  lr, wd = cfg.pretrain.lr, cfg.pretrain.weight_decay
+  return jax.tree_util.tree_map(lambda p, c: np.asarray(p) - lr * (np.asarray(c) + wd * np.asarray(p)),
+                                state.params, combined)
+
+
+def _assert_update_close(before, got, expected):
+  """The update p' - p agrees to float64 precision (up to the float32 lr schedule value)."""
+  for p, a, e in zip(*(jax.tree_util.tree_leaves(t) for t in (before, got, expected))):
+    delta, want = np.asarray(a) - np.asarray(p), np.asarray(e) - np.asarray(p)
+    np.testing.assert_allclose(delta, want, rtol=1e-7, atol=1e-9 * float(np.max(np.abs(want))))
+
+
+def test_ags_step_applies_the_surgery_to_the_task_gradients(f64):
+  setup, state, batch, refs = f64
+  with jax.enable_x64(True):
+    stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *(g for _, g in refs))
+    ags = surgery.adaptive_gradient_surgery(num_tasks=2)
+    combined, _ = ags.update(stacked, ags.init(state.params), state.params)
+    new, metrics = setup.step(state, batch)
+    _assert_update_close(state.params, new.params, _first_sgd_update(state, combined, setup.cfg))
+    np.testing.assert_allclose(metrics["surgery/norm_out"], metrics["surgery/norm_sum"], rtol=1e-6)
+    assert -1.0 <= float(metrics["surgery/cosine"]) <= 1.0
+
+
+def test_sum_tasks_update_is_the_gradient_of_the_summed_loss(f64):
+  _, state, batch, refs = f64
+  with jax.enable_x64(True):
+    setup = Setup("weaksupcon", dtype=jnp.float64)
+    new, _ = setup.step(state.replace(opt_state=setup.tx.init(state.params)), batch)
+    summed = jax.tree_util.tree_map(lambda a, b: a + b, refs[0][1], refs[1][1])  # grad(L1 + L2)
+    _assert_update_close(state.params, new.params, _first_sgd_update(state, summed, setup.cfg))
+
+
+def test_non_finite_step_is_skipped_and_counted(slam):
+  state = slam.state(0)
+  leaf_path = ("head_fc2", "bias")
+  bad_params = jax.tree_util.tree_map(lambda x: x, state.params)
+  bad_params = {**bad_params, leaf_path[0]: {**bad_params[leaf_path[0]],
+                                             leaf_path[1]: bad_params[leaf_path[0]][leaf_path[1]].at[0].set(jnp.nan)}}
+  bad = state.replace(params=bad_params)
+  after, metrics = slam.step(bad, _batch(0))
+  assert not bool(metrics["finite"])
+  assert _tree_equal(after.params, bad.params) and _tree_equal(after.opt_state, bad.opt_state)
+  assert _tree_equal(after.batch_stats, bad.batch_stats)
+  assert (int(after.bad_streak), int(after.bad_total), int(after.step)) == (1, 1, 1)
+  after2, _ = slam.step(after, _batch(1))
+  assert int(after2.bad_streak) == 2
+  good, metrics = slam.step(after2.replace(params=state.params), _batch(2))
+  assert bool(metrics["finite"]) and (int(good.bad_streak), int(good.bad_total)) == (0, 2)
+
+
+@pytest.mark.parametrize("method", ["simclr", "weakly"])
+def test_every_method_trains(method):
+  setup = Setup(method)
+  state = setup.state(0)
+  new, metrics = setup.step(state, _batch(0))
+  assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+  assert not _tree_equal(new.params, state.params)
+  names = {"simclr": ["loss/ntxent_all"], "weakly": ["loss/ce"]}
+  assert all(k in metrics for k in names[method])
+  if method == "weakly":
+    assert "classifier" in state.params
+
+
+def test_lr_schedule_warmup_then_cosine_per_epoch():
+  sched = pretrain.lr_schedule(1.0, epochs=4, warmup_epochs=2, steps_per_epoch=3)
+  got = [float(sched(s)) for s in range(12)]
+  expected = [0.5] * 3 + [1.0] * 3 + [1.0] * 3 + [0.5] * 3  # epochs 0,1 warm-up; 2,3 cosine over 2 epochs
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert float(pretrain.lr_schedule(1.0, 2, 0, 5)(9)) == pytest.approx(0.5)
+
+
+def test_checkpoint_restores_the_same_state(slam, tmp_path):
+  state, _ = slam.step(slam.state(0), _batch(0))
+  mngr = checkpoints.manager(str(tmp_path / "ckpt"), keep=2)
+  checkpoints.save(mngr, 1, state, None, force=True)
+  mngr.wait_until_finished()
+  fresh = checkpoints.manager(str(tmp_path / "ckpt"), keep=2)
+  assert fresh.latest_step() == 1
+  restored = checkpoints.restore(fresh, 1, slam.state(7), None)
+  assert _tree_equal(restored, state)
+  assert pretrain.param_l2(restored.params) == pretrain.param_l2(state.params)
+
+
+def test_collapse_monitor_statistics():
+  rng = np.random.default_rng(0)
+  spread = rng.standard_normal((64, 16))
+  assert pretrain.effective_rank(spread) > 12
+  assert pretrain.embedding_spread(spread) > 0.8
+  collapsed = np.outer(np.ones(64), rng.standard_normal(16)) + 1e-6 * rng.standard_normal((64, 16))
+  assert pretrain.effective_rank(collapsed) < 1.1
+  assert pretrain.embedding_spread(collapsed) < 1e-3
