@@ -149,13 +149,14 @@ FIELDS: Sequence[Field] = (
     Field("mil.weight_decay", 0.0, "Adam weight decay (decoupled, AdamW).", _range(0.0)),
     Field("mil.bags_per_step", 1, "Bags per optimisation step (padded and masked); 1 as the reference.", _INT_POS),
     Field("mil.hidden_dim", 128, "Width of the instance projection (and of the prototypes).", _INT_POS),
-    Field("mil.attention_dim", 64, "Width of the gated attention branches (ABMIL).", _INT_POS),
+    Field("mil.attention_dim", 64, "Width of the gated attention branches (tanh and sigmoid; ABMIL and PAMIL).", _INT_POS),
     Field("mil.n_prototypes", 8, "Learned prototypes (PAMIL).", _INT_POS),
     Field("mil.cluster_weight", 0.005, "Weight of each of PAMIL's clustering losses.", _range(0.0)),
     Field("mil.dropout", 0.0, "Dropout on instance features during MIL training.", _range(0.0, 1.0, hi_open=True)),
     # -- report --
     Field("report.topk", 20, "K of the top-K cell retrieval metrics (20 on PBC-ERB, 400 on paper-scale bags).", _INT_POS),
     Field("report.gallery_bags", 4, "Positive test bags shown in the top-K gallery.", _INT_NONNEG),
+    Field("report.gallery_max_cells", 20, "Most top-ranked cells shown per bag in the gallery (the top K is cut here when K is larger).", _INT_POS),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}

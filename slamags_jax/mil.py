@@ -1,0 +1,650 @@
+"""Stage 2: attention-based multiple-instance learning (MIL) on frozen cell embeddings.
+
+Two aggregators (``mil.model``), both Flax linen modules over a padded batch
+``x`` [B, N, D] with ``mask`` [B, N] (True = a real cell):
+
+- ``abmil``: gated-attention ABMIL (Ilse et al., ICML 2018). h = ReLU(Linear(x)),
+  a = softmax_n(w^T (tanh(V h) * sigmoid(U h))), z = sum_n a_n h_n, logits = Linear(z).
+  ONE attention branch (as Ilse et al.): it is the attention used for ranking cells
+  ("abnormal-class attention" of this model). Two logits + softmax cross-entropy
+  instead of Ilse's single sigmoid output (the same model up to parameterisation).
+- ``pamil``: prototype gated attention (Liu et al., MICCAI 2024), as the SLAM-AGS
+  authors run it. Learned prototypes (in input space) and instances pass through one
+  shared Linear+ReLU and are L2-normalised; a tanh branch on the prototypes and a
+  sigmoid branch on the instances give prototype-instance scores S [N, P] (dot
+  products); a Linear(P -> 2) maps them to per-class attention logits, softmax over
+  the instances; per class c the attention-pooled feature M_c = sum_n a_cn h_n is
+  L2-normalised and scored by its own weight-normalised Linear(H -> 1) (w = g v/|v|).
+  The ranking uses the abnormal class's attention a_1n. Two clustering losses, each
+  weighted ``mil.cluster_weight`` (0.005), on q = softmax over prototypes of S:
+    instance clustering  L_clst  = 1 - mean_n max_p q_np  (each cell near one prototype)
+    prototype clustering L_proto = 1 - mean_p max_n q_np  (each prototype near some cell)
+  Choices where the reference leaves room: dropout (``mil.dropout``) acts on the
+  instance features only (not on the prototypes); both gated branches have width
+  ``mil.attention_dim``; prototypes start N(0, 1); Flax default initialisers elsewhere
+  (not PyTorch's); the optional prototype-prediction and instance losses of the PAMIL
+  code base are off, as in the authors' runs.
+
+Padding and masking: padded cells are zeroed on input, their attention logits are
+replaced by a large negative number before the softmax and the attention is multiplied
+by the mask, so a padded cell gets exactly zero attention; L2 normalisation is
+gradient-safe at zero (x * rsqrt(max(|x|^2, eps^2))), so zero-padded features produce
+no NaN gradients; the clustering losses average over real cells only. A bag alone and
+the same bag padded inside a batch give the same logits, attention and gradients (test).
+Bags are padded to one bucketed length (next multiple of 32 of the largest bag) so that
+every step and every evaluation batch has the same shape (one compilation each).
+
+Training: Adam (AdamW when ``mil.weight_decay`` > 0), ``mil.bags_per_step`` bags per
+step (1 = the reference; a short last step is padded with empty, zero-weight bags),
+shuffled each epoch with an explicit key, bag cross-entropy (+ clustering losses).
+MODEL SELECTION (a documented departure from the authors, who select on training
+accuracy): after every epoch the validation bags are scored; the selected epoch has the
+highest validation ROC-AUC, ties (within 1e-9) broken by the lower validation
+cross-entropy, and the earlier epoch wins a full tie. An undefined AUC (one class among
+the validation bags) ranks below any defined one, so then the loss decides. Without
+validation bags the last epoch is used, and the log and summary say so.
+
+Outputs of ``run`` under ``<workdir>/mil/``: ``metrics.jsonl`` (one line per epoch),
+``checkpoints/`` (orbax; the selected ("best") and the last epoch, step = epoch,
+written once training ends: the stage is short and reruns from scratch),
+``predictions.npz`` + ``predictions.json`` (every bag: abnormal probability,
+prediction, per-cell abnormal-class attention) and, last, ``summary.json``.
+The stage uses bag labels only; instance labels are read by the report stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm import tqdm
+
+from slamags_jax import fileio
+from slamags_jax import metrics
+from slamags_jax.errors import UserError
+
+NUM_CLASSES = 2
+ABNORMAL = 1  # class index of "abnormal" (positive bags, witnesses)
+PAD_MULTIPLE = 32
+MIL_KEY_SALT = 0x4D494C  # folds cfg.seed into a MIL-specific key ("MIL")
+SPLITS = ("train", "val", "test")
+_NEG_LOGIT = -1e30  # attention logit of a padded cell (finite: no inf - inf NaNs)
+_TIE_EPS = 1e-9
+_EVAL_ELEMENTS = 1 << 23  # cap on B * N * D floats per evaluation batch
+
+Params = Any
+Bag = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """Softmax along ``axis`` over unmasked entries; masked entries get exactly 0."""
+  a = jax.nn.softmax(jnp.where(mask, logits, _NEG_LOGIT), axis=axis)
+  return jnp.where(mask, a, 0.0)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(|x|, eps) with a finite gradient at x = 0 (zero-padded cells)."""
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class WeightNormDense(nn.Module):
+  """Linear layer with weight normalisation w = g * v / |v| (per output unit).
+
+  As PyTorch's ``weight_norm`` the gain g starts at |v|, so w starts equal to v.
+  """
+  features: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    v = self.param("direction", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    g = self.param("gain", lambda _: jnp.linalg.norm(v, axis=0))
+    b = self.param("bias", nn.initializers.zeros, (self.features,))
+    w = v * (g / jnp.maximum(jnp.linalg.norm(v, axis=0), 1e-12))
+    return x @ w + b
+
+
+class GatedABMIL(nn.Module):
+  """Gated-attention MIL (Ilse et al. 2018) with one attention branch."""
+  hidden_dim: int = 128
+  attention_dim: int = 64
+  dropout: float = 0.0
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> dict[str, Any]:
+    x = jnp.where(mask[..., None], x, 0.0)
+    h = nn.relu(nn.Dense(self.hidden_dim, name="fc")(x))  # [B, N, H]
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    v = jnp.tanh(nn.Dense(self.attention_dim, name="attention_v")(h))
+    u = nn.sigmoid(nn.Dense(self.attention_dim, name="attention_u")(h))
+    scores = nn.Dense(1, name="attention_w")(v * u)[..., 0]  # [B, N]
+    a = masked_softmax(scores, mask, axis=-1)
+    z = jnp.einsum("bn,bnh->bh", a, h)
+    logits = nn.Dense(self.num_classes, name="classifier")(z)
+    zero = jnp.zeros(x.shape[:1], x.dtype)
+    return {"logits": logits, "attention": a, "attention_branches": a[..., None],
+            "aux": {"cluster": zero, "proto_cluster": zero}}
+
+
+class PrototypeGatedMIL(nn.Module):
+  """PAMIL-style prototype gated attention with per-class attention (see module doc)."""
+  hidden_dim: int = 128
+  attention_dim: int = 64
+  n_prototypes: int = 8
+  dropout: float = 0.0
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> dict[str, Any]:
+    x = jnp.where(mask[..., None], x, 0.0)
+    protos = self.param("prototypes", nn.initializers.normal(1.0), (self.n_prototypes, x.shape[-1]))
+    fc = nn.Dense(self.hidden_dim, name="fc")  # shared by prototypes and instances
+    h = nn.relu(fc(x))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = l2_normalize(h)  # [B, N, H]
+    p = l2_normalize(nn.relu(fc(protos)))  # [P, H]
+    pa = jnp.tanh(nn.Dense(self.attention_dim, name="attention_proto")(p))  # [P, L]
+    ib = nn.sigmoid(nn.Dense(self.attention_dim, name="attention_inst")(h))  # [B, N, L]
+    s = jnp.einsum("bnl,pl->bnp", ib, pa)  # prototype-instance scores [B, N, P]
+    raw = nn.Dense(self.num_classes, name="attention_class")(s)  # [B, N, C]
+    a = masked_softmax(raw, mask[..., None], axis=1)  # over instances, per class
+    m = l2_normalize(jnp.einsum("bnc,bnh->bch", a, h))  # [B, C, H]
+    logits = jnp.concatenate(
+        [WeightNormDense(1, name=f"classifier_{c}")(m[:, c]) for c in range(self.num_classes)], axis=-1)
+    # Clustering losses on the soft assignment of each cell to the prototypes.
+    q = jax.nn.softmax(s, axis=-1)  # [B, N, P]
+    n_real = jnp.maximum(mask.sum(-1), 1).astype(x.dtype)
+    l_clst = 1.0 - jnp.sum(jnp.where(mask, q.max(-1), 0.0), -1) / n_real
+    l_proto = 1.0 - jnp.where(mask[..., None], q, 0.0).max(axis=1).mean(-1)
+    return {"logits": logits, "attention": a[..., ABNORMAL], "attention_branches": a,
+            "aux": {"cluster": l_clst, "proto_cluster": l_proto}}
+
+
+def make_model(mil_cfg: Any) -> nn.Module:
+  """The aggregator named by ``mil_cfg.model`` with its sizes from ``mil_cfg``."""
+  if mil_cfg.model == "abmil":
+    return GatedABMIL(hidden_dim=mil_cfg.hidden_dim, attention_dim=mil_cfg.attention_dim,
+                      dropout=mil_cfg.dropout)
+  if mil_cfg.model == "pamil":
+    return PrototypeGatedMIL(hidden_dim=mil_cfg.hidden_dim, attention_dim=mil_cfg.attention_dim,
+                             n_prototypes=mil_cfg.n_prototypes, dropout=mil_cfg.dropout)
+  raise UserError(f"config key 'mil.model' must be abmil or pamil, got {mil_cfg.model!r}")
+
+
+def init_model(model: nn.Module, key: jax.Array, input_dim: int) -> Params:
+  """Fresh parameters for embeddings of width ``input_dim`` (jitted: one compilation)."""
+  x = jnp.zeros((1, 1, input_dim), jnp.float32)
+  return jax.jit(lambda k: model.init({"params": k}, x, jnp.ones((1, 1), bool))["params"])(key)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def bucket_length(n_max: int, multiple: int = PAD_MULTIPLE) -> int:
+  """Padded bag length: ``n_max`` rounded up to a multiple of ``multiple`` (>= 1)."""
+  return max(1, int(math.ceil(max(n_max, 1) / multiple)) * multiple)
+
+
+def pad_batch(bags: Sequence[Bag], length: int, batch_size: int | None = None,
+              dim: int | None = None) -> dict[str, np.ndarray]:
+  """Stacks bags into x [B, length, D], mask, labels y and bag weights w.
+
+  Slots beyond ``len(bags)`` (up to ``batch_size``) are empty bags of weight 0.
+  """
+  b = batch_size or len(bags)
+  if len(bags) > b:
+    raise ValueError(f"{len(bags)} bags do not fit a batch of {b}")
+  d = dim if dim is not None else bags[0]["embeddings"].shape[1]
+  x = np.zeros((b, length, d), np.float32)
+  mask = np.zeros((b, length), bool)
+  y = np.zeros((b,), np.int32)
+  w = np.zeros((b,), np.float32)
+  for i, bag in enumerate(bags):
+    e = bag["embeddings"]
+    n = e.shape[0]
+    if n > length:
+      raise ValueError(f"bag {bag.get('id')} has {n} cells, more than the padded length {length}")
+    x[i, :n] = e
+    mask[i, :n] = True
+    y[i] = int(bag.get("label", 0))
+    w[i] = 1.0
+  return {"x": x, "mask": mask, "y": y, "w": w}
+
+
+# ----------------------------------------------------------------------------- loss, steps
+
+
+def bag_loss(model: nn.Module, params: Params, batch: dict[str, Any], cluster_weight: float,
+             dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted mean over bags of cross-entropy + cluster_weight * (clustering losses).
+
+  Bags of weight 0 (padding slots) do not count. ``dropout_key=None``: deterministic.
+  """
+  deterministic = dropout_key is None
+  rngs = None if deterministic else {"dropout": dropout_key}
+  out = model.apply({"params": params}, batch["x"], batch["mask"], deterministic=deterministic,
+                    rngs=rngs)
+  ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["y"])
+  aux = out["aux"]["cluster"] + out["aux"]["proto_cluster"]
+  w = batch["w"]
+  wsum = jnp.maximum(w.sum(), 1.0)
+  loss = jnp.sum(w * (ce + cluster_weight * aux)) / wsum
+  parts = {"ce": jnp.sum(w * ce) / wsum,
+           "cluster": jnp.sum(w * out["aux"]["cluster"]) / wsum,
+           "proto_cluster": jnp.sum(w * out["aux"]["proto_cluster"]) / wsum}
+  return loss, parts
+
+
+def make_optimizer(mil_cfg: Any) -> optax.GradientTransformation:
+  """Adam at ``mil.lr``; AdamW (decoupled decay) when ``mil.weight_decay`` > 0."""
+  return _optimizer(float(mil_cfg.lr), float(mil_cfg.weight_decay))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+  if weight_decay > 0:
+    return optax.adamw(lr, weight_decay=weight_decay)
+  return optax.adam(lr)
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    cluster_weight: float) -> Callable[..., Any]:
+  """Jitted (params, opt_state, batch, key) -> (params, opt_state, loss, parts).
+
+  Cached per (model, optimizer, weight): repeated fits reuse the compiled step.
+  """
+  def step(params, opt_state, batch, key):
+    (loss, parts), grads = jax.value_and_grad(
+        lambda p: bag_loss(model, p, batch, cluster_weight, key), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, parts
+  return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=8)
+def make_forward(model: nn.Module) -> Callable[..., Any]:
+  """Jitted deterministic (params, x, mask) -> (abnormal prob, logits, attention, branches).
+
+  ``branches`` [B, N, A] holds every attention branch (ABMIL: A = 1, the ranking one;
+  PAMIL: A = 2, per class), kept for diagnostics.
+  """
+  def forward(params, x, mask):
+    out = model.apply({"params": params}, x, mask, deterministic=True)
+    prob = jax.nn.softmax(out["logits"], axis=-1)[:, ABNORMAL]
+    return prob, out["logits"], out["attention"], out["attention_branches"]
+  return jax.jit(forward)
+
+
+def eval_batch_size(length: int, dim: int, cap: int = 16) -> int:
+  """Bags per evaluation batch, so that B * N * D stays under ~8M floats."""
+  return max(1, min(cap, _EVAL_ELEMENTS // max(1, length * dim)))
+
+
+def predict(model: nn.Module, params: Params, bags: Sequence[Bag], length: int | None = None,
+            batch_size: int | None = None, forward: Callable[..., Any] | None = None
+            ) -> dict[str, Any]:
+  """Scores bags: abnormal probability, prediction (p >= 0.5), logits, attention, CE.
+
+  ``attention`` is a list of float32 arrays, one per bag, of its real cells only
+  (abnormal-class attention); ``attention_branches`` the same for every branch [n, A].
+  ``ce`` is each bag's cross-entropy against its ``label`` (NaN where a bag has none).
+  """
+  if not bags:
+    return {"prob": np.zeros(0, np.float32), "pred": np.zeros(0, np.int64),
+            "logits": np.zeros((0, NUM_CLASSES), np.float32), "attention": [],
+            "attention_branches": [], "ce": np.zeros(0, np.float64)}
+  dim = bags[0]["embeddings"].shape[1]
+  length = length or bucket_length(max(b["embeddings"].shape[0] for b in bags))
+  bs = batch_size or eval_batch_size(length, dim)
+  forward = forward or make_forward(model)
+  probs, logits, attn, branches = [], [], [], []
+  for start in range(0, len(bags), bs):
+    chunk = bags[start:start + bs]
+    batch = pad_batch(chunk, length, bs, dim)
+    p, lg, a, br = jax.device_get(forward(params, batch["x"], batch["mask"]))
+    for i, bag in enumerate(chunk):
+      n = bag["embeddings"].shape[0]
+      probs.append(float(p[i]))
+      logits.append(np.asarray(lg[i], np.float32))
+      attn.append(np.asarray(a[i, :n], np.float32))
+      branches.append(np.asarray(br[i, :n], np.float32))
+  prob = np.asarray(probs, np.float64)
+  logits = np.stack(logits)
+  labels = [b.get("label") for b in bags]
+  logp = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
+  ce = np.asarray([-logp[i, int(y)] if y is not None else np.nan for i, y in enumerate(labels)])
+  return {"prob": prob, "pred": (prob >= metrics.THRESHOLD).astype(np.int64), "logits": logits,
+          "attention": attn, "attention_branches": branches, "ce": ce}
+
+
+def split_metrics(bags: Sequence[Bag], pred: dict[str, Any]) -> dict[str, float]:
+  """Bag-level loss, AUC, accuracy and F1 of ``predict`` output for labelled bags."""
+  if not bags:
+    nan = float("nan")
+    return {"loss": nan, "auc": nan, "accuracy": nan, "f1": nan}
+  m = metrics.bag_metrics([b["label"] for b in bags], pred["prob"])
+  return {"loss": float(np.mean(pred["ce"])), "auc": m["auc"], "accuracy": m["accuracy"],
+          "f1": m["f1"]}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What ``train_mil`` returns: the selected and the last parameters and the history."""
+  params: Params  # selected epoch (see the module docstring)
+  last_params: Params
+  best_epoch: int
+  selection: str  # how the epoch was selected, in words
+  history: list[dict[str, Any]]  # one record per epoch
+  length: int  # padded bag length used
+  train_s: float  # seconds spent in training steps (incl. compilation)
+  train_bags: int  # bags processed by training steps
+
+  def steady_bags_per_s(self) -> float | None:
+    """Training throughput after the first epoch (which includes the compilation)."""
+    recs = self.history[1:] or self.history
+    secs = sum(r["train_s"] for r in recs)
+    return sum(r["train_bags"] for r in recs) / secs if recs and secs > 0 else None
+
+
+def _selection_key(auc: float, loss: float) -> tuple[float, float]:
+  return (auc if math.isfinite(auc) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
+
+
+def _better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool:
+  """Higher AUC; at equal AUC (within 1e-9) lower loss; a full tie keeps the earlier."""
+  if best is None:
+    return True
+  if cand[0] > best[0] + _TIE_EPS:
+    return True
+  if abs(cand[0] - best[0]) <= _TIE_EPS or cand[0] == best[0]:
+    return cand[1] > best[1]
+  return False
+
+
+def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.Array, *,
+              length: int | None = None, progress: bool = True,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+  """Trains the ``mil_cfg.model`` aggregator on ``train`` bags and selects on ``val``.
+
+  Bags are dicts with ``embeddings`` [n, D] float32 and ``label`` 0/1 (and ``id``).
+  Deterministic for a given ``key``. ``on_epoch`` receives each epoch's record.
+  """
+  if not train:
+    raise UserError("no training bags for MIL")
+  model = make_model(mil_cfg)
+  dim = int(train[0]["embeddings"].shape[1])
+  length = length or bucket_length(max(b["embeddings"].shape[0] for b in list(train) + list(val)))
+  k_init, k_shuffle, k_drop = jax.random.split(key, 3)
+  params = init_model(model, k_init, dim)
+  tx = make_optimizer(mil_cfg)
+  opt_state = tx.init(params)
+  step_fn = make_train_step(model, tx, float(mil_cfg.cluster_weight))
+  forward = make_forward(model)
+  bpe = int(mil_cfg.bags_per_step)
+  n = len(train)
+  steps_per_epoch = int(math.ceil(n / bpe))
+  ebs = eval_batch_size(length, dim)
+
+  history: list[dict[str, Any]] = []
+  best_key, best_params, best_epoch = None, params, 0
+  train_s, train_bags, global_step = 0.0, 0, 0
+  bar = tqdm(range(1, int(mil_cfg.epochs) + 1), desc=f"mil[{mil_cfg.model}]", unit="epoch",
+             disable=not progress, leave=False)
+  for epoch in bar:
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, epoch), n))
+    t0 = time.perf_counter()
+    step_losses, step_parts, step_bags = [], [], []
+    for s in range(steps_per_epoch):
+      idx = perm[s * bpe:(s + 1) * bpe]
+      batch = pad_batch([train[i] for i in idx], length, bpe, dim)
+      params, opt_state, loss, parts = step_fn(params, opt_state, batch,
+                                               jax.random.fold_in(k_drop, global_step))
+      global_step += 1
+      step_losses.append(loss)
+      step_parts.append(parts)
+      step_bags.append(len(idx))
+    step_losses, step_parts = jax.device_get((step_losses, step_parts))
+    epoch_s = time.perf_counter() - t0
+    train_s += epoch_s
+    train_bags += n
+    wts = np.asarray(step_bags, np.float64)
+    record: dict[str, Any] = {
+        "kind": "epoch", "epoch": epoch, "step": global_step, "train_s": epoch_s, "train_bags": n,
+        "train_loss": float(np.dot(wts, np.asarray(step_losses, np.float64)) / wts.sum()),
+    }
+    for name in ("ce", "cluster", "proto_cluster"):
+      record[f"train_{name}"] = float(np.dot(wts, [p[name] for p in step_parts]) / wts.sum())
+    if not all(math.isfinite(record[k]) for k in ("train_loss", "train_ce")):
+      raise UserError(f"MIL training loss became non-finite at epoch {epoch}; lower mil.lr "
+                      f"(now {mil_cfg.lr}) or check the embeddings")
+    if val:
+      vm = split_metrics(val, predict(model, params, val, length, ebs, forward))
+      record.update({f"val_{k}": v for k, v in vm.items()})
+      cand = _selection_key(vm["auc"], vm["loss"])
+      if _better(cand, best_key):
+        best_key, best_params, best_epoch = cand, params, epoch
+      record["best_epoch"] = best_epoch
+      bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_auc=f"{vm['auc']:.3f}",
+                      val_loss=f"{vm['loss']:.3f}", refresh=False)
+    else:
+      best_params, best_epoch = params, epoch
+      record["best_epoch"] = best_epoch
+      bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False)
+    history.append(record)
+    if on_epoch is not None:
+      on_epoch(record)
+  bar.close()
+  if val:
+    selection = (f"highest validation ROC-AUC on {len(val)} validation bags; ties broken by the "
+                 "lower validation cross-entropy")
+  else:
+    selection = "last epoch (no validation bags)"
+    logging.warning("MIL: no validation bags; using the last epoch (%d)", best_epoch)
+  return FitResult(params=best_params, last_params=params, best_epoch=best_epoch,
+                   selection=selection, history=history, length=length, train_s=train_s,
+                   train_bags=train_bags)
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def load_embedded_bags(workdir: str) -> list[Bag]:
+  """Bags of ``<workdir>/embeddings``: dicts id, split, label, k, embeddings, cell_ids."""
+  folder = os.path.join(workdir, "embeddings")
+  index_path = os.path.join(folder, "index.json")
+  if not os.path.exists(index_path):
+    raise UserError(f"{index_path} not found: run the embed stage first")
+  index = fileio.read_json(index_path)
+  dim = int(index["dim"])
+  bags = []
+  for entry in index["bags"]:
+    path = os.path.join(folder, entry["file"])
+    if not os.path.exists(path):
+      raise UserError(f"embedding file {path} listed in {index_path} is missing: rerun the embed stage")
+    with np.load(path) as z:
+      emb = np.asarray(z["embeddings"], np.float32)
+      cell_ids = np.asarray(z["cell_ids"], np.int64)
+    if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] != cell_ids.shape[0] or emb.shape[0] == 0:
+      raise UserError(f"{path}: embeddings {emb.shape} and cell_ids {cell_ids.shape} do not match "
+                      f"dim {dim} of {index_path}")
+    if "n" in entry and int(entry["n"]) != emb.shape[0]:
+      raise UserError(f"{path}: {emb.shape[0]} cells but index.json says {entry['n']}")
+    if not np.isfinite(emb).all():
+      raise UserError(f"{path}: embeddings contain NaN or inf (the encoder diverged?)")
+    if entry["split"] not in SPLITS:
+      raise UserError(f"{index_path}: bag {entry['id']} has unknown split {entry['split']!r}")
+    bags.append({"id": str(entry["id"]), "split": entry["split"], "label": int(entry["label"]),
+                 "k": int(entry.get("k", 0)), "embeddings": emb, "cell_ids": cell_ids})
+  return bags
+
+
+def _model_meta(mil_cfg: Any, input_dim: int) -> dict[str, Any]:
+  keys = ("model", "hidden_dim", "attention_dim", "n_prototypes", "dropout")
+  return {"input_dim": int(input_dim), **{k: mil_cfg[k] for k in keys}}
+
+
+def save_checkpoints(folder: str, fit: FitResult, meta: dict[str, Any]) -> list[int]:
+  """Writes the selected and the last parameters with orbax (step = epoch)."""
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder):
+    shutil.rmtree(folder)  # a previous, unfinished attempt of this stage
+  last_epoch = fit.history[-1]["epoch"] if fit.history else 0
+  entries = {fit.best_epoch: (fit.params, ["best"])}
+  if last_epoch == fit.best_epoch:
+    entries[last_epoch][1].append("last")
+  else:
+    entries[last_epoch] = (fit.last_params, ["last"])
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(folder, options=options, item_names=("params", "meta")) as mngr:
+    for epoch in sorted(entries):
+      params, roles = entries[epoch]
+      mngr.save(epoch, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(jax.device_get(params)),
+          meta=ocp.args.JsonSave({**meta, "epoch": epoch, "roles": roles})))
+    mngr.wait_until_finished()
+  return sorted(entries)
+
+
+def load_checkpoint(workdir: str, which: str = "best") -> tuple[Params, dict[str, Any]]:
+  """(params, meta) of the ``best`` or ``last`` MIL checkpoint; meta rebuilds the model."""
+  folder = os.path.abspath(os.path.join(workdir, "mil", "checkpoints"))
+  if not os.path.isdir(folder):
+    raise UserError(f"{folder} not found: run the mil stage first")
+  with ocp.CheckpointManager(folder, item_names=("params", "meta")) as mngr:
+    for step in mngr.all_steps():
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if which in meta["roles"]:
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        return params["params"], meta
+  raise UserError(f"no {which!r} checkpoint in {folder}")
+
+
+def _write_predictions(folder: str, bags: Sequence[Bag], pred: dict[str, Any]) -> None:
+  n = np.asarray([b["embeddings"].shape[0] for b in bags], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+  fileio.save_npz(
+      os.path.join(folder, "predictions.npz"),
+      bag_ids=np.asarray([b["id"] for b in bags], dtype=str),
+      split=np.asarray([b["split"] for b in bags], dtype=str),
+      label=np.asarray([b["label"] for b in bags], np.int64),
+      prob=np.asarray(pred["prob"], np.float64),
+      pred=np.asarray(pred["pred"], np.int64),
+      logits=np.asarray(pred["logits"], np.float32),
+      n_cells=n, offsets=offsets,
+      cell_ids=np.concatenate([b["cell_ids"] for b in bags]).astype(np.int64),
+      attention=np.concatenate(pred["attention"]).astype(np.float32),
+      attention_branches=np.concatenate(pred["attention_branches"]).astype(np.float32))
+  fileio.write_json(os.path.join(folder, "predictions.json"), {
+      "format": "slamags-mil-predictions/1",
+      "attention": "abnormal-class attention per cell, in the bag's cell order; sums to 1 per bag",
+      "attention_branches": ("every attention branch per cell [cells, A]: ABMIL A = 1 (the ranking "
+                             "branch), PAMIL A = 2 (normal, abnormal class)"),
+      "bags": [{"id": b["id"], "split": b["split"], "label": b["label"], "n": int(n[i]),
+                "prob": float(pred["prob"][i]), "pred": int(pred["pred"][i])}
+               for i, b in enumerate(bags)]})
+
+
+def load_predictions(workdir: str) -> list[dict[str, Any]]:
+  """Per bag: id, split, label, prob, pred, cell_ids [n], attention [n], attention_branches."""
+  path = os.path.join(workdir, "mil", "predictions.npz")
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: run the mil stage first")
+  with np.load(path) as z:
+    d = {k: z[k] for k in z.files}
+  out = []
+  for i, bag_id in enumerate(d["bag_ids"]):
+    lo, hi = int(d["offsets"][i]), int(d["offsets"][i + 1])
+    out.append({"id": str(bag_id), "split": str(d["split"][i]), "label": int(d["label"][i]),
+                "prob": float(d["prob"][i]), "pred": int(d["pred"][i]),
+                "cell_ids": d["cell_ids"][lo:hi], "attention": d["attention"][lo:hi],
+                "attention_branches": d["attention_branches"][lo:hi]})
+  return out
+
+
+def run(cfg: Any, workdir: str) -> None:
+  """The ``mil`` stage: train, select on val, score every split, write ``<workdir>/mil``."""
+  t_start = time.perf_counter()
+  out = os.path.join(workdir, "mil")
+  os.makedirs(out, exist_ok=True)
+  for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts from scratch
+    p = os.path.join(out, stale)
+    if os.path.exists(p):
+      os.unlink(p)
+  bags = load_embedded_bags(workdir)
+  by_split = {s: [b for b in bags if b["split"] == s] for s in SPLITS}
+  train, val, test = by_split["train"], by_split["val"], by_split["test"]
+  if not train:
+    raise UserError("no training bags in embeddings/index.json")
+  if len({b["label"] for b in train}) < 2:
+    raise UserError("the training bags hold one class only; MIL needs negative and positive bags")
+  dim = int(train[0]["embeddings"].shape[1])
+  length = bucket_length(max(b["embeddings"].shape[0] for b in bags))
+  logging.info("MIL: %s on %d train / %d val / %d test bags, dim %d, padded length %d",
+               cfg.mil.model, len(train), len(val), len(test), dim, length)
+
+  metrics_path = os.path.join(out, "metrics.jsonl")
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), MIL_KEY_SALT)
+  fit = train_mil(train, val, cfg.mil, key, length=length,
+                  on_epoch=lambda r: fileio.append_jsonl(metrics_path, metrics.json_safe(r)))
+  logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
+  meta = _model_meta(cfg.mil, dim)
+  ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
+
+  model = make_model(cfg.mil)
+  forward = make_forward(model)
+  ebs = eval_batch_size(length, dim)
+  predict(model, fit.params, test[:1] or train[:1], length, ebs, forward)  # compile outside timing
+  t0 = time.perf_counter()
+  test_pred = predict(model, fit.params, test, length, ebs, forward)
+  infer_s = time.perf_counter() - t0
+  preds = {"train": predict(model, fit.params, train, length, ebs, forward),
+           "val": predict(model, fit.params, val, length, ebs, forward), "test": test_pred}
+  ordered = train + val + test
+  merged = {k: np.concatenate([preds[s][k] for s in SPLITS]) for k in ("prob", "pred", "logits")}
+  for k in ("attention", "attention_branches"):
+    merged[k] = [a for s in SPLITS for a in preds[s][k]]
+  _write_predictions(out, ordered, merged)
+
+  best_rec = next((r for r in fit.history if r["epoch"] == fit.best_epoch), {})
+  summary = {
+      "model": cfg.mil.model, **{f"model_{k}": v for k, v in meta.items() if k != "model"},
+      "seed": cfg.seed, "epochs": int(cfg.mil.epochs), "bags_per_step": int(cfg.mil.bags_per_step),
+      "lr": float(cfg.mil.lr), "padded_length": length,
+      "n_bags": {s: len(by_split[s]) for s in SPLITS},
+      "n_pos_bags": {s: int(sum(b["label"] for b in by_split[s])) for s in SPLITS},
+      "best_epoch": fit.best_epoch, "selection": fit.selection,
+      "no_validation": not val,
+      "val_at_best": {k[4:]: best_rec.get(k) for k in ("val_loss", "val_auc", "val_accuracy", "val_f1")},
+      "train_loss_at_best": best_rec.get("train_loss"),
+      "final_train_loss": fit.history[-1]["train_loss"],
+      "test": split_metrics(test, test_pred),
+      "checkpoint_steps": ckpt_steps,
+      "train_wall_s": fit.train_s,
+      "train_bags_per_s": fit.steady_bags_per_s(),
+      "train_bags_per_s_note": "after the first epoch (which includes the compilation)",
+      "infer_bags_per_s": len(test) / infer_s if test and infer_s > 0 else None,
+      "wall_s": time.perf_counter() - t_start,
+  }
+  fileio.write_json(os.path.join(out, "summary.json"), metrics.json_safe(summary))
+  logging.info("MIL done: best epoch %d, val %s, test %s", fit.best_epoch, summary["val_at_best"],
+               summary["test"])

@@ -1,0 +1,191 @@
+"""MIL models: masking/padding invariance, a tiny fit, selection, the `mil` stage."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from slamags_jax import config, fileio, metrics, mil
+from slamags_jax.errors import UserError
+
+MODELS = ("abmil", "pamil")
+
+
+def _mil_cfg(model: str, **overrides):
+  c = config.get_base_config().mil
+  c.model = model
+  c.hidden_dim, c.attention_dim, c.n_prototypes = 16, 8, 4
+  c.lr, c.epochs, c.bags_per_step = 1e-2, 10, 4
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def clustered_bags(rng: np.random.Generator, n_bags: int, dim: int = 16, centres=None,
+                   prefix: str = "b", split: str = "train") -> list[dict]:
+  """Cells around 5 'normal type' centres; positives hold ~1/8 cells of a 6th centre."""
+  bags = []
+  for i in range(n_bags):
+    y = i % 2
+    n = int(rng.integers(12, 40))
+    e = centres[rng.integers(0, 5, n)] + 0.5 * rng.normal(size=(n, dim))
+    inst = np.zeros(n, np.int64)
+    if y:
+      k = max(1, n // 8)
+      idx = rng.choice(n, k, replace=False)
+      e[idx] = centres[5] + 0.5 * rng.normal(size=(k, dim))
+      inst[idx] = 1
+    bags.append({"id": f"{prefix}{i:03d}", "split": split, "label": y, "k": int(inst.sum()),
+                 "embeddings": e.astype(np.float32), "cell_ids": np.arange(n, dtype=np.int64) + 1000 * i,
+                 "inst": inst})
+  return bags
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_padding_changes_nothing(model_name):
+  """A bag alone == the same bag padded (with garbage) inside a batch: outputs and grads."""
+  cfg = _mil_cfg(model_name)
+  model = mil.make_model(cfg)
+  rng = np.random.default_rng(0)
+  d, n = 6, 5
+  params = mil.init_model(model, jax.random.PRNGKey(1), d)
+  bag = rng.normal(size=(n, d)).astype(np.float32)
+  other = rng.normal(size=(9, d)).astype(np.float32)
+
+  alone = {"x": bag[None], "mask": np.ones((1, n), bool), "y": np.array([1], np.int32),
+           "w": np.ones(1, np.float32)}
+  batch = mil.pad_batch([{"embeddings": bag, "label": 1}, {"embeddings": other, "label": 0}],
+                        length=16, batch_size=3)
+  batch["x"] = np.where(batch["mask"][..., None], batch["x"],
+                        rng.normal(size=batch["x"].shape) * 100).astype(np.float32)
+  batch["x"][2] = np.nan  # an empty padding slot full of garbage
+  batch["w"] = np.array([1, 0, 0], np.float32)  # the loss of the first bag only
+
+  apply = jax.jit(lambda x, m: model.apply({"params": params}, x, m))
+  out_a, out_b = apply(alone["x"], alone["mask"]), apply(batch["x"], batch["mask"])
+  np.testing.assert_allclose(out_a["logits"][0], out_b["logits"][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out_a["attention"][0], out_b["attention"][0, :n], rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(out_b["attention"])[~batch["mask"]] == 0.0)  # exactly zero
+  assert np.all(np.asarray(out_b["attention_branches"])[~batch["mask"]] == 0.0)
+  assert np.isfinite(np.asarray(out_b["logits"])).all()
+  np.testing.assert_allclose(np.asarray(out_b["attention"]).sum(-1), [1, 1, 0], rtol=1e-5, atol=1e-6)
+  for key in ("cluster", "proto_cluster"):
+    np.testing.assert_allclose(out_a["aux"][key][0], out_b["aux"][key][0], rtol=1e-5, atol=1e-6)
+
+  @jax.jit
+  def grads(b):
+    loss_fn = lambda p, x: mil.bag_loss(model, p, {**b, "x": x}, 0.5)[0]
+    return jax.grad(loss_fn, argnums=(0, 1))(params, b["x"])
+
+  (gp_a, gx_a), (gp_b, gx_b) = grads(alone), grads(batch)
+  flat_a, flat_b = jax.tree_util.tree_leaves(gp_a), jax.tree_util.tree_leaves(gp_b)
+  assert len(flat_a) == len(flat_b)
+  for ga, gb in zip(flat_a, flat_b):
+    assert np.isfinite(np.asarray(gb)).all()
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gx_a[0], gx_b[0, :n], rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(gx_b)[0, n:] == 0.0) and np.all(np.asarray(gx_b)[2] == 0.0)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_tiny_fit_separates_bags_and_ranks_witnesses_first(model_name):
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(6, 16))
+  train = clustered_bags(rng, 32, centres=centres)
+  val = clustered_bags(rng, 8, centres=centres, prefix="v", split="val")
+  test = clustered_bags(rng, 8, centres=centres, prefix="t", split="test")
+  cfg = _mil_cfg(model_name)
+  fit = mil.train_mil(train, val, cfg, jax.random.PRNGKey(0), progress=False)
+  assert len(fit.history) == cfg.epochs
+  assert fit.history[-1]["train_loss"] < fit.history[0]["train_loss"]
+  pred = mil.predict(mil.make_model(cfg), fit.params, test)
+  assert metrics.bag_metrics([b["label"] for b in test], pred["prob"])["auc"] == 1.0
+  for a, b in zip(pred["attention"], test):
+    assert a.shape == (len(b["inst"]),)
+    assert a.sum() == pytest.approx(1.0, abs=1e-5)
+    if b["label"]:
+      # Every witness outranks every normal cell of its bag.
+      assert a[b["inst"] == 1].min() > a[b["inst"] == 0].max()
+      assert metrics.average_precision(a, b["inst"]) == 1.0
+
+
+def test_training_is_deterministic_for_a_key():
+  rng = np.random.default_rng(1)
+  centres = rng.normal(size=(6, 8))
+  train = clustered_bags(rng, 6, dim=8, centres=centres)
+  cfg = _mil_cfg("abmil", epochs=2, bags_per_step=4, dropout=0.1)  # incl. a padded last step
+  a = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
+  b = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
+  assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  assert a.best_epoch == 2 and a.selection.startswith("last epoch")
+
+
+def test_selection_rule():
+  key = mil._selection_key
+  assert mil._better(key(0.9, 0.5), None)
+  assert mil._better(key(0.95, 0.9), key(0.9, 0.1))  # higher AUC wins
+  assert mil._better(key(0.9, 0.4), key(0.9, 0.5))  # equal AUC: lower loss wins
+  assert not mil._better(key(0.9, 0.5), key(0.9, 0.5))  # full tie: the earlier stays
+  assert mil._better(key(0.5, 0.9), key(float("nan"), 0.1))  # undefined AUC ranks last
+  assert mil._better(key(float("nan"), 0.1), key(float("nan"), 0.2))
+
+
+def test_bucket_length_and_pad_batch():
+  assert mil.bucket_length(1) == 32 and mil.bucket_length(32) == 32 and mil.bucket_length(33) == 64
+  b = mil.pad_batch([{"embeddings": np.ones((3, 2), np.float32), "label": 1}], length=4, batch_size=2)
+  assert b["x"].shape == (2, 4, 2) and b["mask"].sum() == 3
+  assert b["w"].tolist() == [1.0, 0.0] and b["y"].tolist() == [1, 0]
+
+
+def write_embeddings(workdir: str, bags: list[dict], dim: int) -> None:
+  index = []
+  for b in bags:
+    fileio.save_npz(os.path.join(workdir, "embeddings", f"{b['id']}.npz"),
+                    embeddings=b["embeddings"], cell_ids=b["cell_ids"])
+    index.append({"id": b["id"], "split": b["split"], "label": b["label"], "k": b["k"],
+                  "file": f"{b['id']}.npz", "n": len(b["cell_ids"])})
+  fileio.write_json(os.path.join(workdir, "embeddings", "index.json"),
+                    {"dim": dim, "embedding": "head", "bags": index})
+
+
+def test_mil_stage_without_validation_bags(tmp_path):
+  rng = np.random.default_rng(2)
+  centres = rng.normal(size=(6, 8))
+  bags = clustered_bags(rng, 8, dim=8, centres=centres) + \
+      clustered_bags(rng, 4, dim=8, centres=centres, prefix="t", split="test")
+  write_embeddings(str(tmp_path), bags, 8)
+  cfg = config.get_base_config()
+  cfg.mil.epochs, cfg.mil.hidden_dim, cfg.mil.attention_dim, cfg.mil.bags_per_step = 3, 8, 4, 2
+  mil.run(cfg, str(tmp_path))
+  out = tmp_path / "mil"
+  s = fileio.read_json(out / "summary.json")
+  assert s["no_validation"] and s["selection"].startswith("last epoch") and s["best_epoch"] == 3
+  assert s["n_bags"] == {"train": 8, "val": 0, "test": 4}
+  assert s["train_bags_per_s"] > 0 and s["infer_bags_per_s"] > 0
+  assert s["checkpoint_steps"] == [3]
+  assert len(fileio.read_jsonl(out / "metrics.jsonl")) == 3
+  preds = mil.load_predictions(str(tmp_path))
+  assert [p["id"] for p in preds] == [b["id"] for b in bags]
+  for p, b in zip(preds, bags):
+    np.testing.assert_array_equal(p["cell_ids"], b["cell_ids"])
+    assert p["attention"].sum() == pytest.approx(1.0, abs=1e-5)
+  # The best (= last) checkpoint restores and reproduces the stored predictions.
+  params, meta = mil.load_checkpoint(str(tmp_path), "best")
+  assert meta["roles"] == ["best", "last"] and meta["input_dim"] == 8 and meta["model"] == "pamil"
+  again = mil.predict(mil.make_model(cfg.mil), params, bags)
+  np.testing.assert_allclose(again["prob"], [p["prob"] for p in preds], rtol=1e-5, atol=1e-6)
+
+
+def test_loader_rejects_bad_inputs(tmp_path):
+  with pytest.raises(UserError, match="embed stage"):
+    mil.load_embedded_bags(str(tmp_path))
+  bag = {"id": "train-000", "split": "train", "label": 1, "k": 1,
+         "embeddings": np.array([[0.0, np.nan]], np.float32), "cell_ids": np.array([0])}
+  write_embeddings(str(tmp_path), [bag], 2)
+  with pytest.raises(UserError, match="NaN"):
+    mil.load_embedded_bags(str(tmp_path))
