@@ -152,6 +152,7 @@ FIELDS: Sequence[Field] = (
     Field("mil.attention_dim", 64, "Width of the gated attention branches (tanh and sigmoid; ABMIL and PAMIL).", _INT_POS),
     Field("mil.n_prototypes", 8, "Learned prototypes (PAMIL).", _INT_POS),
     Field("mil.cluster_weight", 0.005, "Weight of each of PAMIL's clustering losses.", _range(0.0)),
+    Field("mil.standardize", True, "Standardise each embedding dimension with the training bags' mean and std before MIL (the same for every method).", None),
     Field("mil.dropout", 0.0, "Dropout on instance features during MIL training.", _range(0.0, 1.0, hi_open=True)),
     # -- report --
     Field("report.topk", 20, "K of the top-K cell retrieval metrics (20 on PBC-ERB, 400 on paper-scale bags).", _INT_POS),

@@ -15,6 +15,7 @@ with one `error: ...` line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 
@@ -124,6 +125,14 @@ def run(cfg, workdir: str) -> None:
   logging.info("done: %s", workdir)
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Keeps checkpointing and runtime libraries' INFO chatter out of the run's log."""
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
 def _enable_compilation_cache() -> None:
   """XLA's persistent cache: repeated runs with the same shapes skip compilation."""
   import jax
@@ -150,6 +159,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:

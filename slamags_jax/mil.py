@@ -468,6 +468,20 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
 # ----------------------------------------------------------------------------- I/O
 
 
+def standardization(train: Sequence[Bag], floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+  """Per-dimension mean and std over the cells of the training bags (``mil.standardize``).
+
+  Why: embeddings differ in scale and offset between methods (a head output of a
+  nearly collapsed encoder varies by 1e-3 around a common direction); standardising
+  with training statistics lets the same MIL settings read every method's embeddings.
+  Dimensions with no spread keep scale 1 (``floor``).
+  """
+  x = np.concatenate([b["embeddings"] for b in train]).astype(np.float64)
+  mean, std = x.mean(axis=0), x.std(axis=0)
+  std = np.where(std > floor * max(float(np.max(std)), 1e-30), std, 1.0)
+  return mean.astype(np.float32), std.astype(np.float32)
+
+
 def load_embedded_bags(workdir: str) -> list[Bag]:
   """Bags of ``<workdir>/embeddings``: dicts id, split, label, k, embeddings, cell_ids."""
   folder = os.path.join(workdir, "embeddings")
@@ -598,6 +612,12 @@ def run(cfg: Any, workdir: str) -> None:
   if len({b["label"] for b in train}) < 2:
     raise UserError("the training bags hold one class only; MIL needs negative and positive bags")
   dim = int(train[0]["embeddings"].shape[1])
+  if cfg.mil.standardize:
+    shift, scale = standardization(train)
+    bags = [{**b, "embeddings": (b["embeddings"] - shift) / scale} for b in bags]
+    by_split = {s: [b for b in bags if b["split"] == s] for s in SPLITS}
+    train, val, test = by_split["train"], by_split["val"], by_split["test"]
+    fileio.save_npz(os.path.join(out, "standardization.npz"), mean=shift, std=scale)
   length = bucket_length(max(b["embeddings"].shape[0] for b in bags))
   logging.info("MIL: %s on %d train / %d val / %d test bags, dim %d, padded length %d",
                cfg.mil.model, len(train), len(val), len(test), dim, length)
@@ -633,7 +653,7 @@ def run(cfg: Any, workdir: str) -> None:
       "n_bags": {s: len(by_split[s]) for s in SPLITS},
       "n_pos_bags": {s: int(sum(b["label"] for b in by_split[s])) for s in SPLITS},
       "best_epoch": fit.best_epoch, "selection": fit.selection,
-      "no_validation": not val,
+      "no_validation": not val, "standardized": bool(cfg.mil.standardize),
       "val_at_best": {k[4:]: best_rec.get(k) for k in ("val_loss", "val_auc", "val_accuracy", "val_f1")},
       "train_loss_at_best": best_rec.get("train_loss"),
       "final_train_loss": fit.history[-1]["train_loss"],
