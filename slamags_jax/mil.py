@@ -482,6 +482,15 @@ def standardization(train: Sequence[Bag], floor: float = 1e-6) -> tuple[np.ndarr
   return mean.astype(np.float32), std.astype(np.float32)
 
 
+def prepare_inputs(bags: Sequence[Bag], meta: dict[str, Any]) -> list[Bag]:
+  """Applies the checkpoint's input standardisation (if any) to raw embedded bags."""
+  if meta.get("input_mean") is None:
+    return list(bags)
+  shift = np.asarray(meta["input_mean"], np.float32)
+  scale = np.asarray(meta["input_std"], np.float32)
+  return [{**b, "embeddings": (b["embeddings"] - shift) / scale} for b in bags]
+
+
 def load_embedded_bags(workdir: str) -> list[Bag]:
   """Bags of ``<workdir>/embeddings``: dicts id, split, label, k, embeddings, cell_ids."""
   folder = os.path.join(workdir, "embeddings")
@@ -514,7 +523,7 @@ def load_embedded_bags(workdir: str) -> list[Bag]:
 
 def _model_meta(mil_cfg: Any, input_dim: int) -> dict[str, Any]:
   keys = ("model", "hidden_dim", "attention_dim", "n_prototypes", "dropout")
-  return {"input_dim": int(input_dim), **{k: mil_cfg[k] for k in keys}}
+  return {"input_dim": int(input_dim), "input_mean": None, "input_std": None, **{k: mil_cfg[k] for k in keys}}
 
 
 def save_checkpoints(folder: str, fit: FitResult, meta: dict[str, Any]) -> list[int]:
@@ -540,7 +549,11 @@ def save_checkpoints(folder: str, fit: FitResult, meta: dict[str, Any]) -> list[
 
 
 def load_checkpoint(workdir: str, which: str = "best") -> tuple[Params, dict[str, Any]]:
-  """(params, meta) of the ``best`` or ``last`` MIL checkpoint; meta rebuilds the model."""
+  """(params, meta) of the ``best`` or ``last`` MIL checkpoint; meta rebuilds the model.
+
+  Feed it ``prepare_inputs(load_embedded_bags(workdir), meta)``: the meta holds the
+  input standardisation the model was trained with.
+  """
   folder = os.path.abspath(os.path.join(workdir, "mil", "checkpoints"))
   if not os.path.isdir(folder):
     raise UserError(f"{folder} not found: run the mil stage first")
@@ -612,12 +625,13 @@ def run(cfg: Any, workdir: str) -> None:
   if len({b["label"] for b in train}) < 2:
     raise UserError("the training bags hold one class only; MIL needs negative and positive bags")
   dim = int(train[0]["embeddings"].shape[1])
+  meta = _model_meta(cfg.mil, dim)
   if cfg.mil.standardize:
     shift, scale = standardization(train)
-    bags = [{**b, "embeddings": (b["embeddings"] - shift) / scale} for b in bags]
-    by_split = {s: [b for b in bags if b["split"] == s] for s in SPLITS}
-    train, val, test = by_split["train"], by_split["val"], by_split["test"]
-    fileio.save_npz(os.path.join(out, "standardization.npz"), mean=shift, std=scale)
+    meta.update(input_mean=shift.tolist(), input_std=scale.tolist())
+  bags = prepare_inputs(bags, meta)
+  by_split = {s: [b for b in bags if b["split"] == s] for s in SPLITS}
+  train, val, test = by_split["train"], by_split["val"], by_split["test"]
   length = bucket_length(max(b["embeddings"].shape[0] for b in bags))
   logging.info("MIL: %s on %d train / %d val / %d test bags, dim %d, padded length %d",
                cfg.mil.model, len(train), len(val), len(test), dim, length)
@@ -627,7 +641,6 @@ def run(cfg: Any, workdir: str) -> None:
   fit = train_mil(train, val, cfg.mil, key, length=length,
                   on_epoch=lambda r: fileio.append_jsonl(metrics_path, metrics.json_safe(r)))
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
-  meta = _model_meta(cfg.mil, dim)
   ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
 
   model = make_model(cfg.mil)
@@ -647,7 +660,8 @@ def run(cfg: Any, workdir: str) -> None:
 
   best_rec = next((r for r in fit.history if r["epoch"] == fit.best_epoch), {})
   summary = {
-      "model": cfg.mil.model, **{f"model_{k}": v for k, v in meta.items() if k != "model"},
+      "model": cfg.mil.model,
+      **{f"model_{k}": v for k, v in meta.items() if k not in ("model", "input_mean", "input_std")},
       "seed": cfg.seed, "epochs": int(cfg.mil.epochs), "bags_per_step": int(cfg.mil.bags_per_step),
       "lr": float(cfg.mil.lr), "padded_length": length,
       "n_bags": {s: len(by_split[s]) for s in SPLITS},

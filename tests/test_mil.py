@@ -177,7 +177,8 @@ def test_mil_stage_without_validation_bags(tmp_path):
   # The best (= last) checkpoint restores and reproduces the stored predictions.
   params, meta = mil.load_checkpoint(str(tmp_path), "best")
   assert meta["roles"] == ["best", "last"] and meta["input_dim"] == 8 and meta["model"] == "pamil"
-  again = mil.predict(mil.make_model(cfg.mil), params, bags)
+  assert len(meta["input_mean"]) == 8 and len(meta["input_std"]) == 8  # standardisation travels with it
+  again = mil.predict(mil.make_model(cfg.mil), params, mil.prepare_inputs(bags, meta))
   np.testing.assert_allclose(again["prob"], [p["prob"] for p in preds], rtol=1e-5, atol=1e-6)
 
 
