@@ -167,9 +167,53 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x)
 
 
+def _pool_taps(x):
+  """The 9 strided views of -inf-padded ``x`` that make up each 3x3/2 window, row-major."""
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  return [jax.lax.slice(xp, (0, i, j, 0), (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
+          for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2_p1(x):
-  """torch.nn.MaxPool2d(3, 2, padding=1): padding never wins the max."""
-  return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  """torch.nn.MaxPool2d(3, 2, padding=1): padding never wins the max.
+
+  Same values and gradient as ``nn.max_pool`` (the gradient goes to the first maximum of
+  each window in row-major order, as XLA's select-and-scatter and PyTorch do), written
+  as nine strided views: XLA:CPU lowers the generic max-pool gradient to a
+  reduce-window over four materialised index tensors, several times slower.
+  """
+  taps = _pool_taps(x)
+  out = taps[0]
+  for t in taps[1:]:
+    out = jnp.maximum(out, t)
+  return out
+
+
+def _max_pool_fwd(x):
+  y = max_pool_3x3_s2_p1(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, dy):
+  x, y = res
+  b, h, w, c = x.shape
+  ho, wo = y.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros((b, h + 2, w + 2, c), dy.dtype)
+  for k, tap in enumerate(_pool_taps(x)):
+    first = (tap == y) & ~taken  # the first maximum of the window routes the gradient
+    taken = taken | first
+    i, j = divmod(k, 3)
+    hi, wi = h + 2 - i - (2 * (ho - 1) + 1), w + 2 - j - (2 * (wo - 1) + 1)
+    dxp = dxp + jax.lax.pad(jnp.where(first, dy, 0), jnp.zeros((), dy.dtype),
+                            ((0, 0, 0), (i, hi, 1), (j, wi, 1), (0, 0, 0)))
+  return (dxp[:, 1:h + 1, 1:w + 1, :],)
+
+
+max_pool_3x3_s2_p1.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ResNet(nn.Module):

@@ -1,5 +1,6 @@
 """ResNet encoder: torchvision's topology, parameter count and conventions; BatchNorm per view batch."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +122,21 @@ def test_normalize_matches_reference_statistics():
   img = np.full((1, 2, 2, 3), 255, np.uint8)
   out = models.normalize(img, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
   np.testing.assert_allclose(out[0, 0, 0], [2.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("size", [8, 9, 16])
+def test_max_pool_matches_flax_values_and_gradients(size):
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+  x[0, :4, :4, 0] = 0.0  # ties (as after a ReLU): the gradient must go to the first maximum
+  x[1, 2:5, 1:4, 1] = 0.5
+  x = jnp.asarray(x)
+  ref = lambda x: flax.linen.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+  np.testing.assert_array_equal(models.max_pool_3x3_s2_p1(x), ref(x))
+  dy = jnp.asarray(rng.standard_normal(ref(x).shape).astype(np.float32))
+  got = jax.vjp(models.max_pool_3x3_s2_p1, x)[1](dy)[0]
+  want = jax.vjp(ref, x)[1](dy)[0]
+  jitted = jax.jit(lambda x, dy: jax.vjp(models.max_pool_3x3_s2_p1, x)[1](dy)[0])(x, dy)
+  for g in (got, jitted):
+    np.testing.assert_array_equal(g != 0, want != 0)  # the same cells receive gradient
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)  # sums of overlapping windows may reorder
