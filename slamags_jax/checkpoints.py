@@ -3,22 +3,28 @@
 ``<workdir>/pretrain/checkpoints/<step>/`` holds two items: ``state`` (the whole
 ``TrainState``: parameters, BatchNorm statistics, optimizer state with the surgery's PRNG
 key, step and skip counters) and ``data`` (the grain iterator position, one JSON file
-per process). Orbax writes each checkpoint to a temporary folder and renames it when
-complete, so a run killed mid-save leaves no checkpoint that a re-run would trust; the
-newest complete one is restored and the run continues exactly where it was.
+per process). Orbax writes each checkpoint to a temporary folder
+(``<step>.orbax-checkpoint-tmp-*``) and renames it when complete, so a run killed
+mid-save leaves no checkpoint that ``latest_step()`` returns; the manager deletes such
+leftovers when it opens (``cleanup_tmp_directories``). The newest complete checkpoint is
+restored and the run continues exactly where it was.
 
 ``<workdir>/pretrain/encoder/`` holds the final ``{"params", "batch_stats"}`` that the
-embedding stage (or a user) loads, without the optimizer.
+embedding stage (or a user) loads, without the optimizer. It is written the same way
+(temporary folder, then rename), and only before the stage's completion marker.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix of a folder being written
 
 
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -29,22 +35,61 @@ def manager(directory: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, *, force: bool = False) -> None:
+  """Starts an asynchronous save (arrays are copied to the host before it returns).
+
+  The grain iterator state is taken synchronously, so ``data_iter`` may advance at once.
+  """
   args = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     args["data"] = grain.checkpoint.CheckpointSave(data_iter)
   mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
+def _abstract(x: Any) -> Any:
+  return x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any, data_iter: Any) -> Any:
-  """Restores ``state`` shaped and sharded like ``like_state``; positions ``data_iter`` in place."""
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-  args = {"state": ocp.args.StandardRestore(abstract)}
+  """Restores ``state`` shaped and sharded like ``like_state``; positions ``data_iter`` in place.
+
+  ``like_state`` may hold arrays or ``jax.ShapeDtypeStruct``s with shardings (from
+  ``jax.eval_shape``: a resume then needs no initialisation).
+  """
+  args = {"state": ocp.args.StandardRestore(jax.tree_util.tree_map(_abstract, like_state))}
   if data_iter is not None:
     args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
 
 
+def restore_data_iterator(mngr: ocp.CheckpointManager, step: int, data_iter: Any) -> str | None:
+  """Positions ``data_iter`` from the grain state saved at ``step``; None, or why it could not.
+
+  The saved state fits only an iterator built the same way (e.g. with the same number
+  of grain worker processes); the caller then starts a fresh iterator at ``step``.
+  """
+  try:
+    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+  except Exception as e:  # pylint: disable=broad-except  (grain raises KeyError, ValueError, ...)
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def remove_partial_saves(path: str) -> list[str]:
+  """Deletes the temporary folders that killed saves of ``path`` left beside it."""
+  path = os.path.abspath(path)
+  folder, name = os.path.split(path)
+  removed = []
+  if os.path.isdir(folder):
+    for entry in os.listdir(folder):
+      if entry.startswith(name + _TMP):
+        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        removed.append(os.path.join(folder, entry))
+  return removed
+
+
 def save_encoder(path: str, variables: dict) -> None:
+  """Writes ``variables`` to ``path`` (replacing it) through a temporary folder and a rename."""
+  remove_partial_saves(path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(path), variables, force=True)
 
@@ -54,5 +99,5 @@ def load_encoder(path: str, like: dict | None = None) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
     if like is None:
       return ckptr.restore(os.path.abspath(path))
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree_util.tree_map(_abstract, like)
     return ckptr.restore(os.path.abspath(path), abstract)

@@ -3,8 +3,10 @@
 A run killed at any moment leaves either the old file or the complete new one, never a
 truncated file that a re-run would trust. Every output of the pipeline that a later
 stage or a re-run reads (manifest, summaries, CSVs, embeddings, reports) goes through
-these helpers. ``metrics.jsonl`` is the one append-only log; its reader skips a torn
-last line.
+these helpers. A SIGKILL can leave the hidden temporary file behind (nothing can remove
+it then); it is never read, and ``remove_stale_temps`` (run by ``main`` at start) sweeps
+it away. ``metrics.jsonl`` is the one append-only log; its reader skips a torn line, and
+an append after a torn last line starts on a fresh line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from typing import Any, Iterator
 
@@ -26,6 +29,8 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+_TMP_TAG = ".atomic-"  # temporary files are ".<name>.atomic-<random>.tmp"
+_TMP_RE = re.compile(r"^\..+\.atomic-[A-Za-z0-9_]+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -39,7 +44,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
   path = os.fspath(path)
   folder = os.path.dirname(path) or "."
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + _TMP_TAG, suffix=".tmp", dir=folder)
   os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; outputs follow the umask
   try:
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
@@ -52,6 +57,28 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
       os.unlink(tmp)
     raise
   _fsync_dir(folder)
+
+
+def is_temp_name(name: str, target: str | None = None) -> bool:
+  """True for the name of an ``atomic_open`` temporary file (of ``target``, when given)."""
+  return bool(_TMP_RE.match(name)) and (target is None or name.startswith("." + target + _TMP_TAG))
+
+
+def remove_stale_temps(folder: str | os.PathLike, target: str | None = None) -> list[str]:
+  """Deletes temporary files that killed atomic writes left in ``folder``; returns their paths.
+
+  Only those of ``target`` (a file name) when given. Call it only when no other process
+  writes to ``folder`` (``main`` does, at start).
+  """
+  folder = os.fspath(folder)
+  removed = []
+  with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+    for entry in os.scandir(folder):
+      if entry.is_file(follow_symlinks=False) and is_temp_name(entry.name, target):
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(entry.path)
+          removed.append(entry.path)
+  return removed
 
 
 def _fsync_dir(folder: str) -> None:
@@ -107,11 +134,19 @@ def to_json_line(record: dict[str, Any]) -> str:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-  """Appends one JSON line and flushes it to disk."""
+  """Appends one JSON line and flushes it to disk.
+
+  A last line torn by a kill (no trailing newline) is closed first, so that the new
+  record is not glued onto it and lost with it.
+  """
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
   line = to_json_line(record)
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(line)
+  with open(path, "ab+") as f:
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        line = "\n" + line
+    f.write(line.encode("utf-8"))
     f.flush()
     os.fsync(f.fileno())
 

@@ -6,17 +6,22 @@
 Flags only; the work is in the stage modules. Stages listed in `config.stages` run in
 pipeline order; a stage whose completion marker exists in the workdir is skipped, so
 re-running the same command resumes a killed run (pretraining continues from its newest
-checkpoint). A completed stage made with different settings is an error rather than a
-silent mix: the workdir remembers the config in `config.json`.
+checkpoint; the other stages restart). A completed stage, or a pretraining with
+checkpoints, made with different settings is an error rather than a silent mix: the
+workdir remembers the config in `config.json`.
 
 Bad input (unknown config key, bad value, missing path, impossible bag settings) ends
-with one `error: ...` line on stderr and exit status 2, never a traceback.
+with one `error: ...` line on stderr and exit status 2, never a traceback. What can be
+checked without doing any work (the config, the workdir's history, the stages' inputs,
+the data root and class folders) is checked before anything is created or written.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -78,8 +83,20 @@ def _keys_of(stage: str) -> tuple[str, ...]:
   raise KeyError(stage)
 
 
+def _complete(workdir: str, stage: str) -> bool:
+  return os.path.exists(os.path.join(workdir, MARKERS[stage]))
+
+
+def _resumable(workdir: str, stage: str) -> bool:
+  """An unfinished stage that a re-run continues rather than restarts (pretraining with checkpoints)."""
+  if stage != "pretrain" or _complete(workdir, stage):
+    return False
+  folder = os.path.join(workdir, "pretrain", "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def check_workdir_config(flat: dict, workdir: str) -> None:
-  """Refuses to reuse completed stages that were made with different settings."""
+  """Refuses to reuse completed (or resumable) stages that were made with different settings."""
   from slamags_jax import fileio
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -89,35 +106,81 @@ def check_workdir_config(flat: dict, workdir: str) -> None:
   except ValueError:
     return  # unreadable: nothing to compare against
   for stage in config_lib.STAGES:
-    if not os.path.exists(os.path.join(workdir, MARKERS[stage])):
+    done = _complete(workdir, stage)
+    if not (done or _resumable(workdir, stage)):
       continue
     for key in sorted(flat):
       if key in OPERATIONAL or not key.startswith(_keys_of(stage)) or key not in old:
         continue
       now = list(flat[key]) if isinstance(flat[key], tuple) else flat[key]
       if old[key] != now:
+        what = "was made" if done else "has checkpoints (a re-run continues them) made"
         raise UserError(
-            f"stage '{stage}' in {workdir} was made with {key}={old[key]!r}, now {now!r}: use a new --workdir, "
+            f"stage '{stage}' in {workdir} {what} with {key}={old[key]!r}, now {now!r}: use a new --workdir, "
             f"or remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' folders to redo it")
 
 
+def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
+  """Fails early when a wanted stage's inputs will not exist, or completed stages disagree.
+
+  Each stage reads the output of the one before it: that stage must be complete or run
+  now. A completed stage after an unfinished one was made from outputs that are gone
+  (or being redone), and would be silently reused.
+  """
+  stages = config_lib.STAGES
+  for before, stage in zip(stages, stages[1:]):
+    if stage in wanted and not _complete(workdir, stage) and not (before in wanted or _complete(workdir, before)):
+      raise UserError(f"stage '{stage}' needs the output of stage '{before}', which is not in {workdir}: "
+                      f"add {before} to --config.stages (e.g. --config.stages={before},{stage})")
+    if _complete(workdir, stage) and not _complete(workdir, before):
+      raise UserError(f"stage '{stage}' is complete in {workdir} but the stage '{before}' it was made from is not: "
+                      f"remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' "
+                      "folders to redo them")
+  if "bags" in wanted and not _complete(workdir, "bags") and cfg.data.source == "folder":
+    from slamags_jax import data as data_lib
+    if not cfg.data.root:
+      raise UserError("data.root is empty: set --config.data.root to a cell image folder")
+    root = os.path.abspath(cfg.data.root)
+    available = data_lib.class_folders(root)
+    for c in config_lib.split_csv(cfg.data.normal_classes) + config_lib.split_csv(cfg.data.abnormal_classes):
+      if c not in available:
+        raise UserError(f"class {c!r} has no folder in data root {root!r}; class folders there: "
+                        f"{', '.join(available) if available else 'none'}")
+
+
 def run(cfg, workdir: str) -> None:
+  """Checks everything it can, then runs the wanted stages that are not complete yet."""
   from slamags_jax import fileio
   config_lib.validate(cfg)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} exists and is not a folder")
   flat = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config_lib.flatten(cfg).items()}
+  wanted = config_lib.split_csv(cfg.stages)
   check_workdir_config(flat, workdir)
+  check_stage_inputs(cfg, workdir, wanted)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir {workdir} is not writable")
   _enable_compilation_cache()
   from slamags_jax import parallel
   parallel.initialize()
   if parallel.is_writer():
+    # Temporary files of atomic writes that a kill interrupted: in the stages' folders, and
+    # of config.json (other tools may keep their own files in the workdir itself).
+    stale = fileio.remove_stale_temps(workdir, "config.json")
+    for marker in MARKERS.values():
+      stale += fileio.remove_stale_temps(os.path.join(workdir, os.path.dirname(marker)))
+    for path in stale:
+      logging.info("removed %s, left by a killed write", path)
     fileio.write_json(os.path.join(workdir, "config.json"), flat)
-  wanted = config_lib.split_csv(cfg.stages)
   for stage in config_lib.STAGES:
     if stage not in wanted:
       continue
-    if os.path.exists(os.path.join(workdir, MARKERS[stage])):
+    if _complete(workdir, stage):
       logging.info("stage %s: already complete in %s, skipped", stage, workdir)
       continue
     logging.info("stage %s: running", stage)
@@ -148,13 +211,45 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+_OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(?:=|$)")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The message for the first ``--config.<key>`` override that names no config key, or None."""
+  for arg in argv[1:]:
+    m = _OVERRIDE.match(arg)
+    if m and m.group(1) not in config_lib.FIELDS_BY_KEY:
+      key = m.group(1)
+      close = difflib.get_close_matches(key, list(config_lib.FIELDS_BY_KEY), n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m slamags_jax.config` for the keys"
+      return f"unknown config key {key!r} in {arg.split('=', 1)[0]}{hint}"
+  return None
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The file named by ``--config=<file>[:<arg>]`` (or ``--config <file>``) in ``argv``."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    if not path:
+      _fail("--config is empty: name a config file, e.g. --config=configs/demo.py")
+    _fail(f"config file {path!r} {'is not a file' if os.path.exists(path) else 'not found'}")
   try:
     rest = FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # ml_collections defers a config file's load error to the first use
   except flags.Error as e:
-    _fail(" ".join(str(e).split()))
+    _fail(_unknown_override(argv) or " ".join(str(e).split()))
   except Exception as e:  # a config file that fails to load, a bad override value
-    _fail(" ".join(f"{type(e).__name__}: {e}".split()))
+    _fail(_unknown_override(argv) or " ".join(f"{type(e).__name__}: {e}".split()))
   return rest
 
 

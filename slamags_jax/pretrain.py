@@ -165,11 +165,6 @@ def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, s
   return task_losses, grads, stats
 
 
-def all_finite(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
-
-
 def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mean, std,
                temperature: float) -> tuple[TrainState, dict]:
   """One optimisation step: per-task gradients -> surgery -> weight decay -> SGD.
@@ -183,7 +178,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mea
   updates, opt_state = tx.update(stacked, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   total = sum(task_losses)
-  ok = jnp.isfinite(total) & all_finite(grads)
+  diag = surgery.diagnostics(opt_state)
+  # A NaN or inf anywhere in a task gradient makes its norm non-finite: the surgery's
+  # Gram pass already read every gradient, so no extra pass over them is needed.
+  ok = jnp.isfinite(total) & jnp.all(jnp.isfinite(diag.norm_tasks))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
   new_state = TrainState(
       step=state.step + 1,
@@ -195,7 +193,6 @@ def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mea
   metrics = {"loss": total, "finite": ok}
   for name, value in zip(method.tasks, task_losses):
     metrics[f"loss/{name}"] = value
-  diag = surgery.diagnostics(opt_state)
   if len(method.tasks) > 1:
     t = len(method.tasks)
     off = ~jnp.eye(t, dtype=bool)
@@ -213,6 +210,12 @@ def param_l2(params) -> float:
 
 
 # ----------------------------------------------------------------------------- the stage
+
+# The collapse monitor warns below these (a healthy probe set has an effective rank of
+# many dimensions and a spread near 1; a collapsed one, rank ~1 and spread ~0).
+COLLAPSE_RANK = 2.0
+COLLAPSE_SPREAD = 0.05
+
 
 def effective_rank(embeddings: np.ndarray) -> float:
   """exp(entropy of the normalised singular values) (Roy & Vetterli 2007; RankMe).
@@ -238,6 +241,20 @@ def embedding_spread(embeddings: np.ndarray) -> float:
   return float(np.mean(np.std(z, axis=0)) * math.sqrt(z.shape[1]))
 
 
+def probe_stats(embeddings: np.ndarray) -> dict[str, float]:
+  """What the collapse monitor logs each epoch for the probe cells' embeddings."""
+  return {"effective_rank": effective_rank(embeddings), "spread": embedding_spread(embeddings)}
+
+
+def collapse_message(epoch: int, stats: dict) -> str | None:
+  """The warning for collapsed probe embeddings (see COLLAPSE_*), or None when healthy."""
+  if not stats or (stats["effective_rank"] >= COLLAPSE_RANK and stats["spread"] >= COLLAPSE_SPREAD):
+    return None
+  return (f"epoch {epoch}: embeddings of the probe cells look collapsed (effective rank "
+          f"{stats['effective_rank']:.2f}, spread {stats['spread']:.3f}); check the learning rate and "
+          "batch composition")
+
+
 def _probe_cells(manifest, cfg) -> np.ndarray:
   """A fixed set of training cells (from the data seed) for the collapse monitor."""
   from slamags_jax import bags as bags_lib, config as config_lib
@@ -258,7 +275,14 @@ def _truncate_metrics(path: str, last_step: int) -> list[dict]:
 
 
 def run(cfg, workdir: str) -> None:
-  """The `pretrain` stage (see module docstring); resumes from the newest checkpoint."""
+  """The `pretrain` stage (see module docstring); resumes from the newest checkpoint.
+
+  Resume: the newest complete checkpoint gives the whole `TrainState` (restored into
+  the shapes of `jax.eval_shape`, so no initialisation is computed) and the data
+  iterator's position, and `metrics.jsonl` is cut back to its step: the run then ends
+  with the same parameters as one that was never interrupted. The encoder and
+  `summary.json` (the completion marker) are written last.
+  """
   from absl import logging
   from tqdm import tqdm
   from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel
@@ -283,14 +307,12 @@ def run(cfg, workdir: str) -> None:
   def probe(variables) -> dict:
     if probe_images is None or len(probe_images) < 2:
       return {}
-    z = embed.embed_array(embed_fn, variables, probe_images, mesh, cfg.embed.batch_size)
-    return {"effective_rank": effective_rank(z), "spread": embedding_spread(z)}
+    return probe_stats(embed.embed_array(embed_fn, variables, probe_images, mesh, cfg.embed.batch_size))
 
-  def collapse_warning(epoch, p):
-    if p and (p["effective_rank"] < 2.0 or p["spread"] < 0.05):
-      logging.warning("epoch %d: embeddings of the probe cells look collapsed (effective rank %.2f, "
-                      "spread %.3f); check the learning rate and batch composition", epoch,
-                      p["effective_rank"], p["spread"])
+  def collapse_warning(epoch: int, stats: dict) -> None:
+    message = collapse_message(epoch, stats)
+    if message:
+      logging.warning("%s", message)
 
   if not method.tasks:  # `random`: the initialised encoder is the result
     tx = make_optimizer(cfg, method, 1)
@@ -314,22 +336,36 @@ def run(cfg, workdir: str) -> None:
   spe, num_steps = data.steps_per_epoch, data.num_steps
   tx = make_optimizer(cfg, method, spe)
   schedule = lr_schedule(cfg.pretrain.lr, cfg.pretrain.epochs, cfg.pretrain.warmup_epochs, spe)
-  state = parallel.replicate(create_train_state(model, tx, key, crop), mesh)
+  init = functools.partial(create_train_state, model, tx, crop=crop)
   data_iter = data.iterator()
   mngr = checkpoints.manager(os.path.join(out_dir, "checkpoints"), cfg.pretrain.keep_checkpoints)
   start = mngr.latest_step() or 0
   wall_before = 0.0
   epoch_losses: list[float] = []
+  if start > num_steps:
+    mngr.close()
+    raise UserError(f"the newest checkpoint in {mngr.directory} is at step {start}, beyond this run's {num_steps} "
+                    f"steps: it was made with other settings; remove {out_dir} to start pretraining afresh")
   if start:
-    state = checkpoints.restore(mngr, start, state, data_iter)
+    replicated = parallel.replicated(mesh)
+    like = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                  jax.eval_shape(init, key))
+    state = checkpoints.restore(mngr, start, like, None)
+    why = checkpoints.restore_data_iterator(mngr, start, data_iter)
+    if why is not None:  # e.g. another data.workers: the pipeline can start at any step instead
+      logging.warning("the data iterator state of step %d does not fit this pipeline (%s); starting the "
+                      "pipeline at step %d instead (the same batches)", start, why, start)
+      data_iter = data.iterator(start_step=start)
     logging.info("resumed pretraining from the checkpoint of step %d of %d", start, num_steps)
     kept = _truncate_metrics(metrics_path, start) if writer else []
     walls = [r["wall_s"] for r in kept if "wall_s" in r]
     wall_before = float(walls[-1]) if walls else 0.0
     epoch_losses.extend(r["loss"] for r in kept if r.get("kind") == "step" and not r.get("skipped")
                         and r["epoch"] == start // spe)
-  elif writer and os.path.exists(metrics_path):
-    os.unlink(metrics_path)  # a fresh start: metrics of an earlier, checkpoint-less attempt
+  else:
+    state = parallel.replicate(init(key), mesh)
+    if writer and os.path.exists(metrics_path):
+      os.unlink(metrics_path)  # a fresh start: metrics of an earlier, checkpoint-less attempt
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, method=method, mean=tuple(cfg.data.mean),
@@ -366,40 +402,43 @@ def run(cfg, workdir: str) -> None:
       logging.warning("step %d: non-finite loss or gradients; update skipped (%d in a row)", step, streak)
     if streak >= cfg.pretrain.max_bad_steps:
       mngr.wait_until_finished()
-      good = mngr.latest_step()
-      raise UserError(f"{streak} consecutive pretraining steps had non-finite loss or gradients (last at step "
-                      f"{step}); stopped. The last good checkpoint is step {good} in {mngr.directory}; "
-                      "lower pretrain.lr or check the data")
+      good = mngr.latest_step()  # checkpoints are only saved after a finite step
+      kept = (f"the last good checkpoint is step {good} in {mngr.directory}" if good is not None
+              else f"no checkpoint had been saved yet in {mngr.directory}")
+      raise UserError(f"{streak} consecutive pretraining steps had non-finite loss or gradients (the last at "
+                      f"step {step}; pretrain.max_bad_steps={cfg.pretrain.max_bad_steps}): stopped; {kept}. "
+                      "Check the data, or lower pretrain.lr (with a new --workdir)")
 
-  pending = None
-  for step in range(start + 1, num_steps + 1):
-    batch = parallel.global_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch)
+  try:
+    pending = None
+    for step in range(start + 1, num_steps + 1):
+      batch = parallel.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        handle(*pending)  # the previous step's metrics: the host never waits on the current step
+      pending = (step, metrics)
+      epoch_end = step % spe == 0
+      if step % cfg.pretrain.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
+        handle(*pending)
+        pending = None
+        if epoch_end:
+          variables = {"params": state.params, "batch_stats": state.batch_stats}
+          final_probe = probe(variables)
+          collapse_warning(step // spe, final_probe)
+          rec = {"kind": "epoch", "epoch": step // spe - 1, "step": step,
+                 "loss": float(np.mean(epoch_losses)) if epoch_losses else None, **final_probe}
+          logging.info("epoch %d/%d: loss %s, effective rank %s", step // spe, cfg.pretrain.epochs,
+                       rec["loss"], final_probe.get("effective_rank"))
+          if writer:
+            fileio.append_jsonl(metrics_path, rec)
+          epoch_losses.clear()
+        if last["bad_streak"] == 0 and (step % cfg.pretrain.checkpoint_every_steps == 0 or step == num_steps):
+          checkpoints.save(mngr, step, state, data_iter, force=True)
     if pending is not None:
-      handle(*pending)  # the previous step's metrics: the host never waits on the current step
-    pending = (step, metrics)
-    epoch_end = step % spe == 0
-    if step % cfg.pretrain.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
       handle(*pending)
-      pending = None
-      if epoch_end:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        final_probe = probe(variables)
-        collapse_warning(step // spe, final_probe)
-        rec = {"kind": "epoch", "epoch": step // spe - 1, "step": step,
-               "loss": float(np.mean(epoch_losses)) if epoch_losses else None, **final_probe}
-        logging.info("epoch %d/%d: loss %s, effective rank %s", step // spe, cfg.pretrain.epochs,
-                     rec["loss"], final_probe.get("effective_rank"))
-        if writer:
-          fileio.append_jsonl(metrics_path, rec)
-        epoch_losses.clear()
-      if last["bad_streak"] == 0 and (step % cfg.pretrain.checkpoint_every_steps == 0 or step == num_steps):
-        checkpoints.save(mngr, step, state, data_iter, force=True)
-  if pending is not None:
-    handle(*pending)
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+  finally:
+    bar.close()
+    mngr.close()  # waits for the last asynchronous save
 
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   checkpoints.save_encoder(os.path.join(out_dir, "encoder"), variables)
