@@ -304,7 +304,19 @@ def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]) -> tuple[st
 
 
 def run(cfg: Any, workdir: str) -> None:
-  """The ``bags`` stage: discover, drop unreadable files, split, draw, write the manifest."""
+  """The ``bags`` stage: discover, drop unreadable files, split, draw, write the manifest.
+
+  With several processes (multi-host), process 0 does the stage (it writes: the TFDS
+  records when it prepares them, the manifest) and the others wait for it; no stage
+  computation is collective here.
+  """
+  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top  (jax only when the stage runs)
+  # Every process decided to run this stage before process 0 can complete it (writing the
+  # stage's marker): a process that checked later would skip it and miss the barriers.
+  parallel.sync("bags: start")
+  if not parallel.is_writer():
+    parallel.sync("bags: manifest written")
+    return
   t0 = time.time()
   settings = settings_from_config(cfg)
   normal, abnormal = settings["normal_classes"], settings["abnormal_classes"]
@@ -383,6 +395,7 @@ def run(cfg: Any, workdir: str) -> None:
   path = os.path.join(workdir, MANIFEST)
   fileio.write_json(path, manifest)  # last: the stage's completion marker
   logging.info("bags: wrote %s in %.1f s", path, time.time() - t0)
+  parallel.sync("bags: manifest written")
 
 
 def load_manifest(workdir: str) -> dict[str, Any]:

@@ -88,10 +88,18 @@ def remove_partial_saves(path: str) -> list[str]:
 
 
 def save_encoder(path: str, variables: dict) -> None:
-  """Writes ``variables`` to ``path`` (replacing it) through a temporary folder and a rename."""
-  remove_partial_saves(path)
+  """Writes ``variables`` to ``path`` (replacing it) through a temporary folder and a rename.
+
+  Host (numpy) copies are saved, so the same call works with one or several processes;
+  only process 0 clears leftovers of a killed save (another process must not delete
+  the temporary folder process 0 has just created).
+  """
+  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top
+  if parallel.is_writer():
+    remove_partial_saves(path)
+  parallel.sync("encoder: leftovers removed")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), variables, force=True)
+    ckptr.save(os.path.abspath(path), jax.device_get(variables), force=True)
 
 
 def load_encoder(path: str, like: dict | None = None) -> dict:

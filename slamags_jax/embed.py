@@ -1,10 +1,12 @@
 """Stage `embed`: the frozen encoder embeds every cell of every bag, once.
 
 Cells are embedded in fixed-size batches (the last one padded, so nothing recompiles)
-with one jitted forward pass per batch, sharded over all devices; BatchNorm uses its
-running statistics. What is stored is `model.embedding`: the projection-head output (as
-the authors) or the pooled encoder features. Each cell is embedded once even when the
-bag simulation put it in several bags; per-bag arrays are then gathered from it.
+with one jitted forward pass per batch, sharded over all devices (each process loads
+its rows of every batch; the embeddings are gathered whole on every process and
+process 0 writes them); BatchNorm uses its running statistics. What is stored is
+`model.embedding`: the projection-head output (as the authors) or the pooled encoder
+features. Each cell is embedded once even when the bag simulation put it in several
+bags; per-bag arrays are then gathered from it.
 
 Outputs, in `<workdir>/embeddings/`: `<bag_id>.npz` with `embeddings` float32 [n, D] and
 `cell_ids` int64 [n] in the bag's cell order, and `index.json` (written last: the
@@ -44,7 +46,11 @@ def make_embed_fn(model: models.SlamModel, cfg, mesh=None):
 
 
 def embed_array(embed_fn, variables, images: np.ndarray, mesh, batch_size: int) -> np.ndarray:
-  """Embeds a small host array (probe sets) in padded fixed-size batches."""
+  """Embeds a small host array (probe sets) in padded fixed-size batches, sharded over ``mesh``.
+
+  Every process passes the whole array (the same on each); each batch is split over all
+  devices and the embeddings come back whole on every process.
+  """
   n = len(images)
   batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
   out = []
@@ -53,7 +59,7 @@ def embed_array(embed_fn, variables, images: np.ndarray, mesh, batch_size: int) 
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    emb = embed_fn(variables, parallel.global_batch(chunk, mesh))
+    emb = embed_fn(variables, parallel.shard_rows(chunk, mesh))
     out.append(parallel.to_host(emb)[:batch_size - pad])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -90,6 +96,7 @@ def run(cfg, workdir: str) -> None:
   row = {int(c): i for i, c in enumerate(ids)}
   logging.info("embedded %d cells in %.1f s (%.1f cells/s)", len(ids), wall, len(ids) / max(wall, 1e-9))
   if not parallel.is_writer():
+    parallel.sync("embed: outputs written")  # the next stage reads what process 0 writes below
     return
   index = []
   for bag in manifest["bags"]:
@@ -102,3 +109,4 @@ def run(cfg, workdir: str) -> None:
   fileio.write_json(os.path.join(out_dir, "index.json"), {
       "dim": int(embs.shape[1]), "embedding": cfg.model.embedding, "bags": index,
       "cells": int(len(ids)), "wall_s": round(wall, 3), "cells_per_second": round(len(ids) / max(wall, 1e-9), 1)})
+  parallel.sync("embed: outputs written")

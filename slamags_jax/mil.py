@@ -37,6 +37,14 @@ every step and every evaluation batch has the same shape (one compilation each).
 Training: Adam (AdamW when ``mil.weight_decay`` > 0), ``mil.bags_per_step`` bags per
 step (1 = the reference; a short last step is padded with empty, zero-weight bags),
 shuffled each epoch with an explicit key, bag cross-entropy (+ clustering losses).
+Data parallelism (``mesh``; ``run`` uses every device of every process): the bag axis
+of a step is split over the devices when the step has at least as many bags as there
+are devices (padded with empty, zero-weight bags up to a multiple of the device count),
+otherwise the step is replicated (one bag per step, the reference's setting: each device
+would otherwise compute mostly empty bags). Parameters and Adam state are replicated;
+the weighted mean over bags is a global reduction under ``jax.jit``, so a step equals
+the single-device step. Evaluation batches are split over the devices likewise.
+
 MODEL SELECTION (a documented departure from the authors, who select on training
 accuracy): after every epoch the validation bags are scored; the selected epoch has the
 highest validation ROC-AUC, ties (within 1e-9) broken by the lower validation
@@ -73,6 +81,7 @@ from tqdm import tqdm
 
 from slamags_jax import fileio
 from slamags_jax import metrics
+from slamags_jax import parallel
 from slamags_jax.errors import UserError
 
 NUM_CLASSES = 2
@@ -263,33 +272,56 @@ def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
   return optax.adam(lr)
 
 
-@functools.lru_cache(maxsize=8)
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    cluster_weight: float) -> Callable[..., Any]:
-  """Jitted (params, opt_state, batch, key) -> (params, opt_state, loss, parts).
+def step_layout(bags_per_step: int, num_devices: int) -> tuple[int, bool]:
+  """(bag slots per step, whether the bag axis is sharded) for ``num_devices`` devices.
 
-  Cached per (model, optimizer, weight): repeated fits reuse the compiled step.
+  At least as many bags as devices: shard, padding with empty bags to a multiple of the
+  device count. Fewer: replicate (padding would mostly compute empty bags).
   """
-  def step(params, opt_state, batch, key):
+  if num_devices > 1 and bags_per_step >= num_devices:
+    return -(-bags_per_step // num_devices) * num_devices, True
+  return bags_per_step, False
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cluster_weight: float,
+                    mesh: jax.sharding.Mesh | None = None, shard: bool = False) -> Callable[..., Any]:
+  """Jitted (params, opt_state, batch, key, step) -> (params, opt_state, loss, parts).
+
+  The dropout key of a step is ``fold_in(key, step)``. With ``mesh``: parameters,
+  optimizer state and key replicated, the batch split along its bag axis when ``shard``
+  (else replicated). Cached per (model, optimizer, weight, mesh, shard): repeated fits
+  reuse the compiled step.
+  """
+  def step(params, opt_state, batch, key, index):
+    drop_key = jax.random.fold_in(key, index)
     (loss, parts), grads = jax.value_and_grad(
-        lambda p: bag_loss(model, p, batch, cluster_weight, key), has_aux=True)(params)
+        lambda p: bag_loss(model, p, batch, cluster_weight, drop_key), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, parts
-  return jax.jit(step)
+  if mesh is None:
+    return jax.jit(step)
+  rep_ = parallel.replicated(mesh)
+  data = parallel.batch_sharding(mesh) if shard else rep_
+  return jax.jit(step, in_shardings=(rep_, rep_, data, rep_, rep_), out_shardings=rep_)
 
 
 @functools.lru_cache(maxsize=8)
-def make_forward(model: nn.Module) -> Callable[..., Any]:
+def make_forward(model: nn.Module, mesh: jax.sharding.Mesh | None = None) -> Callable[..., Any]:
   """Jitted deterministic (params, x, mask) -> (abnormal prob, logits, attention, branches).
 
   ``branches`` [B, N, A] holds every attention branch (ABMIL: A = 1, the ranking one;
-  PAMIL: A = 2, per class), kept for diagnostics.
+  PAMIL: A = 2, per class), kept for diagnostics. With ``mesh`` the bag axis is split
+  over its devices (B a multiple of the device count) and the parameters replicated.
   """
   def forward(params, x, mask):
     out = model.apply({"params": params}, x, mask, deterministic=True)
     prob = jax.nn.softmax(out["logits"], axis=-1)[:, ABNORMAL]
     return prob, out["logits"], out["attention"], out["attention_branches"]
-  return jax.jit(forward)
+  if mesh is None:
+    return jax.jit(forward)
+  data = parallel.batch_sharding(mesh)
+  return jax.jit(forward, in_shardings=(parallel.replicated(mesh), data, data), out_shardings=data)
 
 
 def eval_batch_size(length: int, dim: int, cap: int = 16) -> int:
@@ -298,13 +330,15 @@ def eval_batch_size(length: int, dim: int, cap: int = 16) -> int:
 
 
 def predict(model: nn.Module, params: Params, bags: Sequence[Bag], length: int | None = None,
-            batch_size: int | None = None, forward: Callable[..., Any] | None = None
-            ) -> dict[str, Any]:
+            batch_size: int | None = None, forward: Callable[..., Any] | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Scores bags: abnormal probability, prediction (p >= 0.5), logits, attention, CE.
 
   ``attention`` is a list of float32 arrays, one per bag, of its real cells only
   (abnormal-class attention); ``attention_branches`` the same for every branch [n, A].
   ``ce`` is each bag's cross-entropy against its ``label`` (NaN where a bag has none).
+  With ``mesh`` each batch (rounded up to a multiple of the device count, padded with
+  empty bags) is split over the devices; every process gets every bag's scores.
   """
   if not bags:
     return {"prob": np.zeros(0, np.float32), "pred": np.zeros(0, np.int64),
@@ -313,12 +347,19 @@ def predict(model: nn.Module, params: Params, bags: Sequence[Bag], length: int |
   dim = bags[0]["embeddings"].shape[1]
   length = length or bucket_length(max(b["embeddings"].shape[0] for b in bags))
   bs = batch_size or eval_batch_size(length, dim)
-  forward = forward or make_forward(model)
+  forward = forward or make_forward(model, mesh)
+  if mesh is not None:
+    bs = -(-bs // mesh.size) * mesh.size
+    params = parallel.replicate(params, mesh)
   probs, logits, attn, branches = [], [], [], []
   for start in range(0, len(bags), bs):
     chunk = bags[start:start + bs]
     batch = pad_batch(chunk, length, bs, dim)
-    p, lg, a, br = jax.device_get(forward(params, batch["x"], batch["mask"]))
+    if mesh is None:
+      p, lg, a, br = jax.device_get(forward(params, batch["x"], batch["mask"]))
+    else:
+      xm = parallel.shard_rows((batch["x"], batch["mask"]), mesh)
+      p, lg, a, br = (parallel.to_host(o) for o in forward(params, *xm))
     for i, bag in enumerate(chunk):
       n = bag["embeddings"].shape[0]
       probs.append(float(p[i]))
@@ -383,11 +424,14 @@ def _better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool
 
 def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.Array, *,
               length: int | None = None, progress: bool = True,
-              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+              on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              mesh: jax.sharding.Mesh | None = None) -> FitResult:
   """Trains the ``mil_cfg.model`` aggregator on ``train`` bags and selects on ``val``.
 
   Bags are dicts with ``embeddings`` [n, D] float32 and ``label`` 0/1 (and ``id``).
-  Deterministic for a given ``key``. ``on_epoch`` receives each epoch's record.
+  Deterministic for a given ``key``. ``on_epoch`` receives each epoch's record. With
+  ``mesh`` the steps and the validation scoring are data-parallel over its devices (see
+  the module docstring); every process must call it with the same bags.
   """
   if not train:
     raise UserError("no training bags for MIL")
@@ -398,9 +442,13 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   params = init_model(model, k_init, dim)
   tx = make_optimizer(mil_cfg)
   opt_state = tx.init(params)
-  step_fn = make_train_step(model, tx, float(mil_cfg.cluster_weight))
-  forward = make_forward(model)
   bpe = int(mil_cfg.bags_per_step)
+  slots, shard = step_layout(bpe, mesh.size if mesh is not None else 1)
+  step_fn = make_train_step(model, tx, float(mil_cfg.cluster_weight), mesh, shard)
+  forward = make_forward(model, mesh)
+  if mesh is not None:
+    params, opt_state, k_drop = parallel.replicate((params, opt_state, k_drop), mesh)
+    batch_sharding = parallel.batch_sharding(mesh) if shard else parallel.replicated(mesh)
   n = len(train)
   steps_per_epoch = int(math.ceil(n / bpe))
   ebs = eval_batch_size(length, dim)
@@ -416,9 +464,10 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     step_losses, step_parts, step_bags = [], [], []
     for s in range(steps_per_epoch):
       idx = perm[s * bpe:(s + 1) * bpe]
-      batch = pad_batch([train[i] for i in idx], length, bpe, dim)
-      params, opt_state, loss, parts = step_fn(params, opt_state, batch,
-                                               jax.random.fold_in(k_drop, global_step))
+      batch = pad_batch([train[i] for i in idx], length, slots, dim)
+      if mesh is not None:
+        batch = parallel.host_to_global(batch, batch_sharding)
+      params, opt_state, loss, parts = step_fn(params, opt_state, batch, k_drop, np.int32(global_step))
       global_step += 1
       step_losses.append(loss)
       step_parts.append(parts)
@@ -438,7 +487,7 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
       raise UserError(f"MIL training loss became non-finite at epoch {epoch}; lower mil.lr "
                       f"(now {mil_cfg.lr}) or check the embeddings")
     if val:
-      vm = split_metrics(val, predict(model, params, val, length, ebs, forward))
+      vm = split_metrics(val, predict(model, params, val, length, ebs, forward, mesh))
       record.update({f"val_{k}": v for k, v in vm.items()})
       cand = _selection_key(vm["auc"], vm["loss"])
       if _better(cand, best_key):
@@ -529,8 +578,9 @@ def _model_meta(mil_cfg: Any, input_dim: int) -> dict[str, Any]:
 def save_checkpoints(folder: str, fit: FitResult, meta: dict[str, Any]) -> list[int]:
   """Writes the selected and the last parameters with orbax (step = epoch)."""
   folder = os.path.abspath(folder)
-  if os.path.exists(folder):
+  if parallel.is_writer() and os.path.exists(folder):
     shutil.rmtree(folder)  # a previous, unfinished attempt of this stage
+  parallel.sync("mil: checkpoint folder cleared")  # every process saves (orbax: process 0 writes)
   last_epoch = fit.history[-1]["epoch"] if fit.history else 0
   entries = {fit.best_epoch: (fit.params, ["best"])}
   if last_epoch == fit.best_epoch:
@@ -612,10 +662,12 @@ def run(cfg: Any, workdir: str) -> None:
   """The ``mil`` stage: train, select on val, score every split, write ``<workdir>/mil``."""
   t_start = time.perf_counter()
   out = os.path.join(workdir, "mil")
+  writer = parallel.is_writer()  # every process trains (sharded steps); process 0 writes
+  mesh = parallel.data_mesh()
   os.makedirs(out, exist_ok=True)
   for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts from scratch
     p = os.path.join(out, stale)
-    if os.path.exists(p):
+    if writer and os.path.exists(p):
       os.unlink(p)
   bags = load_embedded_bags(workdir)
   by_split = {s: [b for b in bags if b["split"] == s] for s in SPLITS}
@@ -638,25 +690,30 @@ def run(cfg: Any, workdir: str) -> None:
 
   metrics_path = os.path.join(out, "metrics.jsonl")
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), MIL_KEY_SALT)
-  fit = train_mil(train, val, cfg.mil, key, length=length,
-                  on_epoch=lambda r: fileio.append_jsonl(metrics_path, metrics.json_safe(r)))
+
+  def log_epoch(record: dict[str, Any]) -> None:
+    if writer:
+      fileio.append_jsonl(metrics_path, metrics.json_safe(record))
+
+  fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh)
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
   ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
 
   model = make_model(cfg.mil)
-  forward = make_forward(model)
+  forward = make_forward(model, mesh)
   ebs = eval_batch_size(length, dim)
-  predict(model, fit.params, test[:1] or train[:1], length, ebs, forward)  # compile outside timing
+  predict(model, fit.params, test[:1] or train[:1], length, ebs, forward, mesh)  # compile outside timing
   t0 = time.perf_counter()
-  test_pred = predict(model, fit.params, test, length, ebs, forward)
+  test_pred = predict(model, fit.params, test, length, ebs, forward, mesh)
   infer_s = time.perf_counter() - t0
-  preds = {"train": predict(model, fit.params, train, length, ebs, forward),
-           "val": predict(model, fit.params, val, length, ebs, forward), "test": test_pred}
+  preds = {"train": predict(model, fit.params, train, length, ebs, forward, mesh),
+           "val": predict(model, fit.params, val, length, ebs, forward, mesh), "test": test_pred}
   ordered = train + val + test
   merged = {k: np.concatenate([preds[s][k] for s in SPLITS]) for k in ("prob", "pred", "logits")}
   for k in ("attention", "attention_branches"):
     merged[k] = [a for s in SPLITS for a in preds[s][k]]
-  _write_predictions(out, ordered, merged)
+  if writer:
+    _write_predictions(out, ordered, merged)
 
   best_rec = next((r for r in fit.history if r["epoch"] == fit.best_epoch), {})
   summary = {
@@ -679,6 +736,8 @@ def run(cfg: Any, workdir: str) -> None:
       "infer_bags_per_s": len(test) / infer_s if test and infer_s > 0 else None,
       "wall_s": time.perf_counter() - t_start,
   }
-  fileio.write_json(os.path.join(out, "summary.json"), metrics.json_safe(summary))
+  if writer:
+    fileio.write_json(os.path.join(out, "summary.json"), metrics.json_safe(summary))
+  parallel.sync("mil: outputs written")  # the report stage reads what process 0 wrote
   logging.info("MIL done: best epoch %d, val %s, test %s", fit.best_epoch, summary["val_at_best"],
                summary["test"])

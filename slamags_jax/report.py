@@ -500,9 +500,20 @@ def markdown(s: dict[str, Any], per_bag: Sequence[dict[str, Any]], pictures: dic
 
 
 def run(cfg: Any, workdir: str) -> None:
-  """The ``report`` stage (see the module docstring)."""
+  """The ``report`` stage (see the module docstring).
+
+  With several processes (multi-host), process 0 writes the report and the others wait
+  for it (nothing here is a collective computation).
+  """
   from slamags_jax import bags as bags_lib
   from slamags_jax import mil as mil_lib
+  from slamags_jax import parallel
+  # Every process decided to run this stage before process 0 can complete it (writing the
+  # stage's marker): a process that checked later would skip it and miss the barriers.
+  parallel.sync("report: start")
+  if not parallel.is_writer():
+    parallel.sync("report: written")
+    return
   t0 = time.perf_counter()
   out = os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
@@ -596,6 +607,7 @@ def run(cfg: Any, workdir: str) -> None:
 
   fileio.write_text(os.path.join(out, "report.md"), markdown(summary, per_bag, pictures))
   fileio.write_json(marker, metrics.json_safe(summary))
+  parallel.sync("report: written")
   logging.info("report: bag F1 %s AUC %s acc %s | top-%d found %s recall %s AP %s -> %s",
                _fmt(bag["f1"]), _fmt(bag["auc"]), _fmt(bag["accuracy"]), k, _fmt(ret["topk_found_mean"], 2),
                _fmt(ret["recall_at_k_mean"]), _fmt(ret["average_precision_mean"]), out)
