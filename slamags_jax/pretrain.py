@@ -183,11 +183,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mea
   # Gram pass already read every gradient, so no extra pass over them is needed.
   ok = jnp.isfinite(total) & jnp.all(jnp.isfinite(diag.norm_tasks))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+  # On a skipped step the optimizer's float state (momentum) stays as it was, while its
+  # integer state (the schedule's step count, the surgery's PRNG key) moves on with the
+  # data, so skipped steps never shift the per-epoch learning-rate schedule.
+  keep_floats = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+      lambda a, b: jnp.where(ok, a, b) if jnp.issubdtype(a.dtype, jnp.floating) else a, new, old)
   new_state = TrainState(
       step=state.step + 1,
       params=keep(params, state.params),
       batch_stats=keep(stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
+      opt_state=keep_floats(opt_state, state.opt_state),
       bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
       bad_total=state.bad_total + jnp.where(ok, 0, 1))
   metrics = {"loss": total, "finite": ok}

@@ -287,17 +287,24 @@ def test_antiparallel_falls_back_to_plain_sum(lam):
 
 
 def test_antiparallel_authors_rule_amplifies_noise():
-  """Why the fallback exists: with rtol=0 (the authors' rule) the float32 update has the
-  full plain-sum norm but a direction that is rounding noise."""
-  g1 = np.random.default_rng(0).standard_normal(size()).astype(np.float32)
-  g = np.stack([g1, np.float32(-0.3) * g1])
-  plain = g.astype(np.float64).sum(0)
-  out, state = run(surgery.adaptive_gradient_surgery(rtol=0.0), to_tree(g))
-  o = flat(out)
-  assert not bool(state.diagnostics.degenerate)
-  assert 0.3 < np.linalg.norm(o) / np.linalg.norm(plain) < 3.0  # about full norm
-  cos = o @ plain / (np.linalg.norm(o) * np.linalg.norm(plain))
-  assert cos < 0.9  # noise, not the plain-sum direction
+  """Why the fallback exists: with rtol=0 (the authors' rule) the float32 update has
+  about the plain-sum norm but a direction that is rounding noise (it changes from one
+  random gradient to the next; the fallback's direction is the plain sum's, cos = 1)."""
+  cosines = []
+  for seed in range(4):
+    g1 = np.random.default_rng(seed).standard_normal(size()).astype(np.float32)
+    g = np.stack([g1, np.float32(-0.3) * g1])
+    plain = g.astype(np.float64).sum(0)
+    out, state = run(surgery.adaptive_gradient_surgery(rtol=0.0), to_tree(g))
+    o = flat(out)
+    assert not bool(state.diagnostics.degenerate)
+    assert 0.3 < np.linalg.norm(o) / np.linalg.norm(plain) < 3.0  # about full norm
+    cosines.append(o @ plain / (np.linalg.norm(o) * np.linalg.norm(plain)))
+  assert max(cosines) < 0.99  # never the plain-sum direction
+  assert min(cosines) < 0.5  # and sometimes far from it
+  out, state = run(surgery.adaptive_gradient_surgery(), to_tree(g))  # the default: fallback
+  assert bool(state.diagnostics.degenerate)
+  np.testing.assert_allclose(flat(out), plain, rtol=1e-6, atol=1e-6 * np.abs(plain).max())
 
 
 @pytest.mark.parametrize("rel_delta", [1e-3, 1e-2, 1e-1])
@@ -462,7 +469,8 @@ def test_sharded_leaves_match_unsharded():
       out, st = jax.jit(tx.update)(gs, tx.init(None))
       assert len(gs["k"].sharding.device_set) == 2
       for k in g:
-        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7)
+        scale = float(np.abs(np.asarray(ref[k])).max())  # sums reorder across devices: float32 rounding
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-6 * scale)
       print("OK", float(st.diagnostics.cosine[0, 1]))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
