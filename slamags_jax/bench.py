@@ -1,0 +1,245 @@
+"""Benchmarks: the pretraining step, embedding extraction and MIL training.
+
+  python -m slamags_jax.bench --pos 32 --neg 32 --size 64 --steps 10 --method slam_ags --seed 0
+  python -m slamags_jax.bench --pos 32 --neg 32 --size 64 --steps 10 --surgery-overhead
+  python -m slamags_jax.bench --mode embed --size 48 --batch 256 --steps 10
+  python -m slamags_jax.bench --mode mil --bags 48 --bag-size 200 --dim 512 --steps 50
+
+`--mode step` (default) builds the model and a synthetic batch of P positive and N
+negative patches (two views each, S px), compiles the full training step (all views,
+task gradients, surgery, weight decay, SGD; the state is donated, nothing leaves the
+device between steps), runs one warm-up step and K timed steps, and prints as its last
+line one JSON object with:
+
+- `images_per_second`: patches per second (P + N per step), from the median step time
+  (`step_ms`; `step_ms_min` is the fastest step);
+- `loss`: the training loss of the first step, i.e. of the seed's initial parameters
+  (`last_loss`: of the last timed step); `param_l2`: the L2 norm of all trained
+  parameters after the K + 1 steps;
+- `devices`, `flops_per_step` (XLA's count for the compiled step), `gflops_per_second`;
+- with `--surgery-overhead` (two-task methods): the same step with the task gradients
+  summed (`weaksupcon`), timed interleaved with this one, and `surgery_overhead`
+  = step_ms / sum_step_ms - 1.
+
+With several devices (`XLA_FLAGS=--xla_force_host_platform_device_count=4` on CPU, or
+GPUs/TPUs) the batch is sharded over all of them. Why `loss` is the first step's: on
+tiny synthetic batches the training is so sensitive that float32 rounding differences
+(any reordering of a sum, e.g. across devices or rows) grow about 100x per step; the
+first loss and `param_l2` agree across device counts to float32 rounding, and
+tests/test_parallel.py checks equality in float64 over several steps.
+
+`--mode embed` times the jitted, batched embedding of B cells (eval mode) and prints
+`images_per_second`. `--mode mil` times MIL training steps (`mil.bags_per_step` bags
+of `--bag-size` cells of `--dim` features) and batched inference, printing
+`train_bags_per_second` and `infer_bags_per_second`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slamags_jax import config as config_lib
+from slamags_jax import models, parallel, pretrain
+
+
+def _flops(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+  except Exception:  # cost analysis is best effort on some backends
+    return float("nan")
+
+
+def _cfg(a) -> "config_lib.ml_collections.ConfigDict":
+  cfg = config_lib.get_base_config()
+  cfg.seed = a.seed
+  cfg.pretrain.method = a.method
+  cfg.model.width = a.width
+  cfg.model.depth = a.depth
+  cfg.model.conv_impl = a.conv_impl
+  cfg.model.dtype = a.dtype
+  return cfg
+
+
+def _timed(fn, steps: int) -> list[float]:
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+class _Step:
+  """One compiled training step of a method on a fixed synthetic batch."""
+
+  def __init__(self, cfg, method_name: str, batch, mesh, size: int):
+    method = pretrain.METHODS[method_name]
+    self.model = models.from_config(cfg, device_groups=1 if cfg.model.bn_sync else mesh.size)
+    self.tx = pretrain.make_optimizer(cfg, method, steps_per_epoch=1000)
+    self.state = parallel.replicate(pretrain.create_train_state(self.model, self.tx, jax.random.key(cfg.seed),
+                                                                size), mesh)
+    self.batch = batch
+    step = jax.jit(
+        lambda s, b: pretrain.train_step(s, b, model=self.model, tx=self.tx, method=method,
+                                         mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                                         temperature=cfg.pretrain.temperature),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+    t0 = time.perf_counter()
+    self.compiled = step.lower(self.state, batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.metrics = None
+
+  def __call__(self):
+    self.state, self.metrics = self.compiled(self.state, self.batch)
+    return self.state
+
+
+def bench_step(a) -> dict:
+  cfg = _cfg(a)
+  if not pretrain.METHODS[a.method].tasks:
+    raise SystemExit("error: --method random has no training step to time")
+  mesh = parallel.data_mesh()
+  n_dev = mesh.size
+  if a.pos % n_dev or a.neg % n_dev:
+    raise SystemExit(f"error: --pos and --neg must be multiples of the {n_dev} devices")
+  rng = np.random.default_rng(a.seed)
+  batch = parallel.global_batch({"pos": rng.integers(0, 256, (a.pos, 2, a.size, a.size, 3), dtype=np.uint8),
+                                 "neg": rng.integers(0, 256, (a.neg, 2, a.size, a.size, 3), dtype=np.uint8)}, mesh)
+  step = _Step(cfg, a.method, batch, mesh, a.size)
+  step()  # warm-up step (first-run allocations); its loss is that of the initial parameters
+  first_loss = float(step.metrics["loss"])
+  baseline = None
+  if a.surgery_overhead:
+    if len(pretrain.METHODS[a.method].tasks) < 2:
+      raise SystemExit("error: --surgery-overhead needs a two-task method (slam_ags, pcgrad)")
+    baseline = _Step(cfg, "weaksupcon", batch, mesh, a.size)
+    baseline()
+    times, base_times = [], []
+    for _ in range(a.steps):  # interleaved, so a busy neighbour hits both alike
+      times += _timed(step, 1)
+      base_times += _timed(baseline, 1)
+  else:
+    times = _timed(step, a.steps)
+  dt = float(np.median(times))
+  flops = _flops(step.compiled)
+  out = {
+      "mode": "step", "method": a.method, "pos": a.pos, "neg": a.neg, "size": a.size, "width": a.width,
+      "depth": a.depth, "conv_impl": a.conv_impl, "dtype": a.dtype, "steps": a.steps,
+      "devices": n_dev, "backend": jax.default_backend(),
+      "step_ms": round(dt * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
+      "images_per_second": round((a.pos + a.neg) / dt, 2),
+      "loss": first_loss, "last_loss": float(step.metrics["loss"]),
+      "param_l2": pretrain.param_l2(step.state.params),
+      "flops_per_step": flops, "gflops_per_second": round(flops / dt / 1e9, 1),
+      "compile_s": round(step.compile_s, 1),
+  }
+  if baseline is not None:
+    base = float(np.median(base_times))
+    out.update(sum_step_ms=round(base * 1e3, 2), sum_step_ms_min=round(min(base_times) * 1e3, 2),
+               surgery_overhead=round(dt / base - 1.0, 4),
+               surgery_overhead_min=round(min(times) / min(base_times) - 1.0, 4))
+  return out
+
+
+def bench_embed(a) -> dict:
+  from slamags_jax import embed
+  cfg = _cfg(a)
+  mesh = parallel.data_mesh()
+  batch = max(mesh.size, a.batch - a.batch % mesh.size)
+  model = models.from_config(cfg)
+  variables = parallel.replicate(pretrain.init_variables(model, jax.random.key(a.seed), a.size), mesh)
+  fn = embed.make_embed_fn(model, cfg, mesh)
+  images = parallel.global_batch(np.random.default_rng(a.seed).integers(0, 256, (batch, a.size, a.size, 3),
+                                                                         dtype=np.uint8), mesh)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(variables, images))
+  compile_s = time.perf_counter() - t0
+  dt = float(np.median(_timed(lambda: fn(variables, images), a.steps)))
+  return {"mode": "embed", "size": a.size, "width": a.width, "depth": a.depth, "batch": batch,
+          "devices": mesh.size, "backend": jax.default_backend(), "embedding": cfg.model.embedding,
+          "batch_ms": round(dt * 1e3, 2), "images_per_second": round(batch / dt, 1),
+          "compile_s": round(compile_s, 1)}
+
+
+def bench_mil(a) -> dict:
+  from slamags_jax import mil
+  cfg = config_lib.get_base_config()
+  cfg.mil.model = a.mil_model
+  cfg.mil.bags_per_step = a.bags_per_step
+  mesh = parallel.data_mesh()
+  rng = np.random.default_rng(a.seed)
+  bags = [{"id": str(i), "split": "train", "label": i % 2, "k": 0,
+           "embeddings": rng.standard_normal((a.bag_size, a.dim)).astype(np.float32),
+           "cell_ids": np.arange(a.bag_size)} for i in range(a.bags)]
+  model = mil.make_model(cfg.mil)
+  params = mil.init_model(model, jax.random.key(a.seed), a.dim)
+  tx = mil.make_optimizer(cfg.mil)
+  length = mil.bucket_length(a.bag_size)
+  slots, shard = mil.step_layout(a.bags_per_step, mesh.size)
+  step = mil.make_train_step(model, tx, cfg.mil.cluster_weight, mesh, shard)
+  opt_state = tx.init(params)
+  batches = [mil.pad_batch(bags[i:i + a.bags_per_step], length, slots, a.dim)
+             for i in range(0, a.bags - a.bags_per_step + 1, a.bags_per_step)]
+  key = jax.random.key(a.seed)
+  state = {"params": params, "opt": opt_state, "i": 0}
+
+  def one():
+    b = batches[state["i"] % len(batches)]
+    state["params"], state["opt"], loss, _ = step(state["params"], state["opt"], b, key, state["i"])
+    state["i"] += 1
+    return loss
+
+  jax.block_until_ready(one())  # compile
+  train_dt = float(np.median(_timed(one, a.steps)))
+  forward = mil.make_forward(model, mesh)
+  mil.predict(model, state["params"], bags, length, forward=forward)  # compile
+  t0 = time.perf_counter()
+  mil.predict(model, state["params"], bags, length, forward=forward)
+  infer_dt = time.perf_counter() - t0
+  return {"mode": "mil", "mil_model": a.mil_model, "bags": a.bags, "bag_size": a.bag_size, "dim": a.dim,
+          "bags_per_step": a.bags_per_step, "devices": mesh.size, "backend": jax.default_backend(),
+          "train_step_ms": round(train_dt * 1e3, 3),
+          "train_bags_per_second": round(a.bags_per_step / train_dt, 1),
+          "infer_bags_per_second": round(a.bags / infer_dt, 1)}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--mode", choices=("step", "embed", "mil"), default="step")
+  p.add_argument("--pos", type=int, default=32, help="positive patches per step")
+  p.add_argument("--neg", type=int, default=32, help="negative patches per step")
+  p.add_argument("--size", type=int, default=64, help="crop size in px")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
+  p.add_argument("--method", default="slam_ags", choices=[m for m in config_lib.METHODS if m != "random"])
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--width", type=int, default=64, help="ResNet width (64 = torchvision)")
+  p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
+  p.add_argument("--conv-impl", dest="conv_impl", default="auto", choices=("auto", "xla", "matmul"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--surgery-overhead", action="store_true",
+                 help="also time the same step with summed task gradients, interleaved")
+  p.add_argument("--batch", type=int, default=256, help="[embed] cells per batch")
+  p.add_argument("--bags", type=int, default=48, help="[mil] training bags")
+  p.add_argument("--bag-size", dest="bag_size", type=int, default=200, help="[mil] cells per bag")
+  p.add_argument("--dim", type=int, default=512, help="[mil] embedding size")
+  p.add_argument("--bags-per-step", dest="bags_per_step", type=int, default=1, help="[mil] bags per step")
+  p.add_argument("--mil-model", dest="mil_model", default="pamil", choices=("pamil", "abmil"))
+  a = p.parse_args(argv)
+  result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil}[a.mode](a)
+  print(json.dumps(result))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()
