@@ -25,23 +25,37 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 class Lowering(NamedTuple):
-  """Which implementation computes each part: "xla" or "matmul"."""
+  """Which implementation computes each part ("xla" or "matmul"), and in how many
+  batch chunks the XLA forward and kernel gradient run (1: the whole batch at once)."""
   forward: str
   grad_input: str
   grad_kernel: str
+  forward_chunks: int = 1
+  grad_kernel_chunks: int = 1
 
 
 def _out_size(n: int, k: int, stride: int, pad: int) -> int:
   return (n + 2 * pad - k) // stride + 1
 
 
+def _chunks(rows: int, positions: int, lo: int, hi: int) -> int:
+  """4 batch chunks when the output has between ``lo`` and ``hi`` positions (if they divide)."""
+  return 4 if lo <= positions <= hi and rows % 4 == 0 else 1
+
+
 def choose_lowering(impl: str, x_shape, kernel_shape, stride: int, padding: int) -> Lowering:
   """The lowering for a layer: ``impl`` is "xla", "matmul" or "auto".
 
-  "auto" follows timings on a 2-core x86 CPU (docs/performance.md): 1x1 kernels and
-  feature maps of at most 4x4 outputs use matmuls everywhere; stride-2 input gradients
-  use matmuls; larger maps keep XLA's convolution for the forward pass and the kernel
-  gradient. On GPU and TPU use "xla" (the backends' convolutions are the fast path).
+  "auto" follows per-layer timings of ResNet18 at 64 and 128 px on a 2-core x86 CPU
+  (docs/performance.md):
+  - 1x1 kernels and maps of at most 4x4 outputs: matmuls everywhere (XLA's convolution
+    runs at ~2 GFLOP/s on 2x2 maps with 512 channels);
+  - stride-2 3x3 kernels: matmul input gradient;
+  - otherwise XLA's convolution, with the batch cut into 4 chunks for the kernel
+    gradient once the output has 4096+ positions (batch x height x width) and for the
+    forward pass between 16384 and 65536 positions: on whole large batches XLA:CPU's
+    convolutions lose up to 3x to cache misses.
+  On GPU and TPU use "xla" (the backends' convolutions are the fast path).
   """
   if impl in ("xla", "matmul"):
     return Lowering(impl, impl, impl)
@@ -52,7 +66,16 @@ def choose_lowering(impl: str, x_shape, kernel_shape, stride: int, padding: int)
   wo = _out_size(x_shape[2], kw, stride, padding)
   if (kh == 1 and kw == 1) or ho * wo <= 16:
     return Lowering("matmul", "matmul", "matmul")
-  return Lowering("xla", "matmul" if stride > 1 else "xla", "xla")
+  rows, positions = x_shape[0], x_shape[0] * ho * wo
+  return Lowering("xla", "matmul" if stride > 1 else "xla", "xla",
+                  forward_chunks=_chunks(rows, positions, 16384, 65536),
+                  grad_kernel_chunks=_chunks(rows, positions, 4096, 1 << 62))
+
+
+def _in_chunks(fn, arrays, chunks: int):
+  """``fn`` applied to ``chunks`` equal slices of the batch axis of every array."""
+  n = arrays[0].shape[0] // chunks
+  return [fn(*[a[i * n:(i + 1) * n] for a in arrays]) for i in range(chunks)]
 
 
 def _conv_xla(x, w, stride, padding):
@@ -83,8 +106,11 @@ def _conv_matmul(x, w, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, stride, padding, lowering):
-  f = _conv_xla if lowering.forward == "xla" else _conv_matmul
-  return f(x, w, stride, padding)
+  if lowering.forward != "xla":
+    return _conv_matmul(x, w, stride, padding)
+  if lowering.forward_chunks == 1:
+    return _conv_xla(x, w, stride, padding)
+  return jnp.concatenate(_in_chunks(lambda xc: _conv_xla(xc, w, stride, padding), [x], lowering.forward_chunks))
 
 
 def _conv_fwd(x, w, stride, padding, lowering):
@@ -100,7 +126,8 @@ def _conv_bwd(stride, padding, lowering, res, dy):
     dcols = jnp.einsum("bhwo,ko->bhwk", dy, w.reshape(kh * kw * cin, cout))
     dx = jax.vjp(lambda x_: _patches(x_, kh, kw, stride, padding), x)[1](dcols)[0]
   if lowering.grad_kernel == "xla":
-    dw = jax.vjp(lambda w_: _conv_xla(x, w_, stride, padding), w)[1](dy)[0]
+    dw_of = lambda xc, dyc: jax.vjp(lambda w_: _conv_xla(xc, w_, stride, padding), w)[1](dyc)[0]  # noqa: E731
+    dw = sum(_in_chunks(dw_of, [x, dy], lowering.grad_kernel_chunks))
   else:
     cols = _patches(x, kh, kw, stride, padding)
     dw = jnp.einsum("bhwk,bhwo->ko", cols, dy).reshape(w.shape)
@@ -118,6 +145,6 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0, impl: 
   forward pass and each gradient lowered as ``choose_lowering`` says.
   """
   lowering = choose_lowering(impl, x.shape, w.shape, stride, padding)
-  if lowering == Lowering("xla", "xla", "xla"):
+  if lowering == Lowering("xla", "xla", "xla", 1, 1):
     return _conv_xla(x, w, stride, padding)  # plain autodiff, nothing custom
   return _conv(x, w, stride, padding, lowering)

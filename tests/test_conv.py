@@ -66,11 +66,34 @@ def test_float32_under_jit_matches_within_rounding():
 
 
 def test_auto_lowering_rule():
-  # Small maps and 1x1 kernels: matmul everywhere; large maps: XLA, with matmul input
-  # gradients at stride 2.
-  assert conv.choose_lowering("auto", (8, 4, 4, 512), (3, 3, 512, 512), 1, 1) == conv.Lowering("matmul", "matmul", "matmul")
-  assert conv.choose_lowering("auto", (8, 32, 32, 64), (1, 1, 64, 128), 2, 0) == conv.Lowering("matmul", "matmul", "matmul")
-  assert conv.choose_lowering("auto", (8, 32, 32, 64), (3, 3, 64, 64), 1, 1) == conv.Lowering("xla", "xla", "xla")
-  assert conv.choose_lowering("auto", (8, 32, 32, 64), (3, 3, 64, 128), 2, 1) == conv.Lowering("xla", "matmul", "xla")
+  L = conv.Lowering
+  # Small maps and 1x1 kernels: matmul everywhere.
+  assert conv.choose_lowering("auto", (8, 4, 4, 512), (3, 3, 512, 512), 1, 1) == L("matmul", "matmul", "matmul")
+  assert conv.choose_lowering("auto", (8, 32, 32, 64), (1, 1, 64, 128), 2, 0) == L("matmul", "matmul", "matmul")
+  # Large maps: XLA, matmul input gradients at stride 2, batch chunks on big outputs.
+  assert conv.choose_lowering("auto", (8, 32, 32, 64), (3, 3, 64, 64), 1, 1) == L("xla", "xla", "xla", 1, 4)
+  assert conv.choose_lowering("auto", (64, 16, 16, 64), (3, 3, 64, 64), 1, 1) == L("xla", "xla", "xla", 4, 4)
+  assert conv.choose_lowering("auto", (64, 128, 128, 3), (7, 7, 3, 64), 2, 3) == L("xla", "matmul", "xla", 1, 4)
+  assert conv.choose_lowering("auto", (2, 32, 32, 64), (3, 3, 64, 128), 2, 1) == L("xla", "matmul", "xla", 1, 1)
   with pytest.raises(ValueError):
     conv.choose_lowering("fast", (1, 8, 8, 1), (3, 3, 1, 1), 1, 1)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((8, 32, 32, 2), 3, 1, 1),  # 8192 output positions: chunked kernel gradient
+    ((8, 48, 48, 2), 3, 1, 1),  # 18432: chunked forward pass too
+    ((8, 64, 64, 3), 7, 2, 3),  # the stem
+])
+def test_chunked_lowering_matches_lax(shape, kernel, stride, padding):
+  lowering = conv.choose_lowering("auto", shape, (kernel, kernel, shape[-1], 3), stride, padding)
+  assert lowering.grad_kernel_chunks == 4
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 3)))
+    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, stride, padding, "auto"), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: reference(x, w, stride, padding), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = jnp.asarray(rng.standard_normal(y_ref.shape))
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-11)

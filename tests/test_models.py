@@ -140,3 +140,29 @@ def test_max_pool_matches_flax_values_and_gradients(size):
   for g in (got, jitted):
     np.testing.assert_array_equal(g != 0, want != 0)  # the same cells receive gradient
     np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)  # sums of overlapping windows may reorder
+
+
+@pytest.mark.parametrize("groups,views", [(1, 1), (1, 2), (2, 2)])
+def test_batch_norm_gradient_equals_autodiff_of_the_formula(groups, views):
+  """The closed-form BatchNorm gradient equals autodiff of the plain formula (float64)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(groups + views)
+    x = jnp.asarray(rng.standard_normal((8, 3, 3, 5)) * 2 + 1)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 5))
+    bias = jnp.asarray(rng.standard_normal(5))
+    dy = jnp.asarray(rng.standard_normal(x.shape))
+
+    def plain(x, scale, bias):
+      xs = x.reshape((groups, 8 // (groups * views), views) + x.shape[1:])
+      mean = jnp.mean(xs, axis=(1, 3, 4), keepdims=True)
+      var = jnp.mean(jnp.square(xs - mean), axis=(1, 3, 4), keepdims=True)
+      return ((xs - mean) / jnp.sqrt(var + 1e-5) * scale + bias).reshape(x.shape)
+
+    def custom(x, scale, bias):
+      return models.batch_norm_train(x, scale, bias, groups, views, 1e-5)[0]
+
+    y, vjp = jax.vjp(custom, x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(plain, x, scale, bias)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
