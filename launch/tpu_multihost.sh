@@ -78,31 +78,9 @@ if [[ -z "$SHARED_BUCKET" && -z "$SHARED_MOUNT_CMD" ]]; then
   echo "error: set SHARED_BUCKET (a bucket for the shared workdir) or SHARED_MOUNT_CMD" >&2
   exit 2
 fi
-GCLOUD_TPU=(--zone="$ZONE" --project="$PROJECT")
+source "$REPO_DIR/launch/tpu_common.sh"
 WORKDIR="\$HOME/shared/workdirs/$RUN_NAME"
 MAIN="~/slamags-venv/bin/python -m slamags_jax.main --config=$(printf %q "$CONFIG") --workdir=$WORKDIR --config.data.root=$DATA_ROOT $EXTRA_ARGS"
-
-on_workers() {  # on_workers WORKER COMMAND: run a bash command on the slice's workers
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_TPU[@]}" --worker="$1" --command="$2"
-}
-
-create() {
-  local spot=()
-  if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
-  gcloud compute tpus tpu-vm create "$TPU_NAME" "${GCLOUD_TPU[@]}" \
-    --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" ${spot[@]+"${spot[@]}"}
-}
-
-ship_checkout() {  # this checkout's tracked and untracked-but-not-ignored files -> ~/slamags-src.tgz on every worker
-  local tmp list tgz
-  tmp="$(mktemp -d)" && list="$tmp/files" && tgz="$tmp/slamags-src.tgz"
-  git -C "$REPO_DIR" ls-files --cached --others --exclude-standard | while IFS= read -r f; do
-    if [[ -e "$REPO_DIR/$f" ]]; then printf '%s\n' "$f"; fi
-  done > "$list"
-  tar -czf "$tgz" -C "$REPO_DIR" -T "$list"
-  gcloud compute tpus tpu-vm scp "$tgz" "$TPU_NAME":slamags-src.tgz "${GCLOUD_TPU[@]}" --worker=all
-  rm -rf "$tmp"
-}
 
 mount_script() {  # mounts the shared workdir folder at ~/shared (idempotent)
   if [[ -n "$SHARED_MOUNT_CMD" ]]; then
@@ -121,24 +99,9 @@ EOF
 }
 
 setup_script() {  # the install script run on every worker
-  local get_code
-  if [[ -n "$REPO" ]]; then
-    get_code="if [ -d ~/slamags-jax/.git ]; then git -C ~/slamags-jax fetch -q origin && git -C ~/slamags-jax checkout -q $(printf %q "$BRANCH") && git -C ~/slamags-jax pull -q --ff-only || true; else git clone -q --branch $(printf %q "$BRANCH") $(printf %q "$REPO") ~/slamags-jax; fi"
-  else
-    get_code="rm -rf ~/slamags-jax && mkdir -p ~/slamags-jax && tar -xzf ~/slamags-src.tgz -C ~/slamags-jax"
-  fi
-  cat <<EOF
-set -euo pipefail
-$get_code
-command -v uv >/dev/null || [ -x ~/.local/bin/uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh
-export PATH=\$HOME/.local/bin:\$PATH
-[ -x ~/slamags-venv/bin/python ] || uv venv -q --python $(printf %q "$PYTHON_VERSION") ~/slamags-venv
-uv pip install -q --python ~/slamags-venv/bin/python -e ~/slamags-jax "jax[tpu]"
-EOF
+  install_script
   mount_script
-  if [[ -n "$DATA_GCS" ]]; then
-    echo "mkdir -p $DATA_ROOT && gcloud storage rsync --recursive --quiet $(printf %q "$DATA_GCS") $DATA_ROOT"
-  fi
+  copy_data_script
   # Every worker at once: the distributed runtime comes up and sees the whole slice.
   echo "cd ~/slamags-jax && SLAMAGS_DISTRIBUTED=1 ~/slamags-venv/bin/python -c 'from slamags_jax import parallel; parallel.initialize(); import jax; print(f\"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of {jax.device_count()} devices\")'"
 }
