@@ -68,6 +68,19 @@ def test_step_is_deterministic_for_a_seed(slam):
   assert not _tree_equal(other.params, runs[0].params)
 
 
+def test_the_donated_step_compiles_once(slam):
+  """Steps after the first reuse the compiled step: the returned state has the same types,
+  shapes and weak-type flags as the one passed in (what `pretrain.run` relies on)."""
+  step = jax.jit(functools.partial(pretrain.train_step, model=slam.model, tx=slam.tx, method=slam.method,
+                                   mean=MEAN, std=STD, temperature=0.07), donate_argnums=0)
+  state = slam.state(0)
+  for i in range(3):
+    state, _ = step(state, _batch(i))
+  assert step._cache_size() == 1
+  step(state, _batch(0, pos=2, neg=2))  # the check can fail: another shape is another compile
+  assert step._cache_size() == 2
+
+
 def _reference_view_embeddings(model, params, stats, images):
   """The reference's separate forward pass per view batch (views=1 each)."""
   outs = []
