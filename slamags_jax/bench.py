@@ -4,6 +4,7 @@
   python -m slamags_jax.bench --pos 32 --neg 32 --size 64 --steps 10 --surgery-overhead
   python -m slamags_jax.bench --mode embed --size 48 --batch 256 --steps 10
   python -m slamags_jax.bench --mode mil --bags 48 --bag-size 200 --dim 512 --steps 50
+  python -m slamags_jax.bench --mode matmul --matmul-n 2048 --steps 10
 
 `--mode step` (default) builds the model and a synthetic batch of P positive and N
 negative patches (two views each, S px), compiles the full training step (all views,
@@ -31,7 +32,9 @@ tests/test_parallel.py checks equality in float64 over several steps.
 `--mode embed` times the jitted, batched embedding of B cells (eval mode) and prints
 `images_per_second`. `--mode mil` times MIL training steps (`mil.bags_per_step` bags
 of `--bag-size` cells of `--dim` features) and batched inference, printing
-`train_bags_per_second` and `infer_bags_per_second`.
+`train_bags_per_second` and `infer_bags_per_second`. `--mode matmul` times one square
+float32 matmul of side `--matmul-n` and prints its `gflops_per_second`: the machine's
+measured matmul peak, against which the step's GFLOP/s are read.
 """
 
 from __future__ import annotations
@@ -214,9 +217,21 @@ def bench_mil(a) -> dict:
           "infer_bags_per_second": round(a.bags / infer_dt, 1)}
 
 
+def bench_matmul(a) -> dict:
+  n = a.matmul_n
+  rng = np.random.default_rng(a.seed)
+  x = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(x, y))  # compile
+  dt = float(np.median(_timed(lambda: f(x, y), a.steps)))
+  return {"mode": "matmul", "n": n, "dtype": "float32", "devices": 1, "backend": jax.default_backend(),
+          "matmul_ms": round(dt * 1e3, 2), "gflops_per_second": round(2 * n ** 3 / dt / 1e9, 1)}
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--mode", choices=("step", "embed", "mil"), default="step")
+  p.add_argument("--mode", choices=("step", "embed", "mil", "matmul"), default="step")
   p.add_argument("--pos", type=int, default=32, help="positive patches per step")
   p.add_argument("--neg", type=int, default=32, help="negative patches per step")
   p.add_argument("--size", type=int, default=64, help="crop size in px")
@@ -235,8 +250,9 @@ def main(argv=None) -> None:
   p.add_argument("--dim", type=int, default=512, help="[mil] embedding size")
   p.add_argument("--bags-per-step", dest="bags_per_step", type=int, default=1, help="[mil] bags per step")
   p.add_argument("--mil-model", dest="mil_model", default="pamil", choices=("pamil", "abmil"))
+  p.add_argument("--matmul-n", dest="matmul_n", type=int, default=2048, help="[matmul] matrix side")
   a = p.parse_args(argv)
-  result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil}[a.mode](a)
+  result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil, "matmul": bench_matmul}[a.mode](a)
   print(json.dumps(result))
   sys.stdout.flush()
 

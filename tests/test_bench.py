@@ -1,0 +1,45 @@
+"""The benchmark CLI: each mode prints one JSON line with its contract keys."""
+
+import json
+
+import pytest
+
+from slamags_jax import bench
+
+
+def _run(capsys, *args):
+  bench.main(list(args))
+  lines = capsys.readouterr().out.strip().splitlines()
+  return json.loads(lines[-1])
+
+
+def test_step_mode_prints_the_contract_keys_and_the_surgery_overhead(capsys):
+  out = _run(capsys, "--pos", "2", "--neg", "2", "--size", "16", "--steps", "2", "--width", "4",
+             "--conv-impl", "xla", "--surgery-overhead")
+  for key in ("images_per_second", "step_ms", "loss", "param_l2", "devices", "gflops_per_second",
+              "flops_per_step", "surgery_overhead", "sum_step_ms"):
+    assert key in out, key
+  assert out["devices"] == 1 and out["images_per_second"] > 0 and out["param_l2"] > 0
+  assert out["images_per_second"] == pytest.approx(4 / (out["step_ms"] / 1e3), rel=1e-2)
+
+
+def test_step_mode_is_deterministic_for_a_seed(capsys):
+  args = ("--pos", "2", "--neg", "2", "--size", "16", "--steps", "1", "--width", "4", "--conv-impl", "xla")
+  a, b = _run(capsys, *args), _run(capsys, *args)
+  assert a["loss"] == b["loss"] and a["param_l2"] == b["param_l2"]
+
+
+def test_embed_mil_and_matmul_modes(capsys):
+  emb = _run(capsys, "--mode", "embed", "--size", "16", "--batch", "8", "--steps", "1", "--width", "4",
+             "--conv-impl", "xla")
+  assert emb["images_per_second"] > 0 and emb["batch"] == 8
+  mil = _run(capsys, "--mode", "mil", "--bags", "4", "--bag-size", "8", "--dim", "16", "--steps", "2")
+  assert mil["train_bags_per_second"] > 0 and mil["infer_bags_per_second"] > 0
+  mm = _run(capsys, "--mode", "matmul", "--matmul-n", "64", "--steps", "2")
+  assert mm["n"] == 64 and mm["gflops_per_second"] > 0
+
+
+def test_surgery_overhead_needs_two_tasks():
+  with pytest.raises(SystemExit, match="error:"):
+    bench.main(["--pos", "2", "--neg", "2", "--size", "16", "--steps", "1", "--width", "4",
+                "--method", "simclr", "--surgery-overhead"])
