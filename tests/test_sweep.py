@@ -169,8 +169,9 @@ def test_settings_hash_follows_results_not_operations(tmp_path):
   config = os.path.join(sweep_lib.REPO, "configs", "pbc_erb.py")
   digest = lambda *o: sweep_lib.settings_hash(sweep_lib.settings_of(sweep_lib.load_config(config, o)))  # noqa: E731
   base = digest()
-  assert digest(("pretrain.lr", "0.01")) == base  # the config's own value
-  assert digest(("pretrain.lr", "0.02")) != base
+  own_lr = sweep_lib.load_config(config, ()).pretrain.lr
+  assert digest(("pretrain.lr", repr(own_lr))) == base  # the config's own value
+  assert digest(("pretrain.lr", repr(own_lr * 2))) != base
   assert digest(("model.width", "32")) != base
   assert digest(("data.workers", "2"), ("pretrain.log_every_steps", "10")) == base
   # The data folder counts by content (SHA256SUMS), not by path.
