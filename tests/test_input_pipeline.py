@@ -57,7 +57,7 @@ def _all(it, n=None):
   return out
 
 
-def _same(a, b):
+def assert_same_batches(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
@@ -120,6 +120,7 @@ def test_seed_changes_batches(manifest):
 
 def test_deterministic_across_workers_and_resume(manifest):
   ref = _all(ip.pretrain_data(manifest, _cfg(epochs=2), seed=3).iterator())
+  assert len(ref) == 8  # 2 epochs of 4 steps: the comparisons below are not vacuous
   d2 = ip.pretrain_data(manifest, _cfg(epochs=2, workers=2), seed=3)
   it = d2.iterator()
   try:
@@ -127,11 +128,11 @@ def test_deterministic_across_workers_and_resume(manifest):
     state = it.get_state()
   finally:
     it.close()
-  _same(first, ref[:3])
+  assert_same_batches(first, ref[:3])
   it = d2.iterator()
   try:
     it.set_state(state)
-    _same(_all(it), ref[3:])
+    assert_same_batches(_all(it), ref[3:])
   finally:
     it.close()
 
@@ -139,13 +140,14 @@ def test_deterministic_across_workers_and_resume(manifest):
 def test_resume_in_process(manifest):
   d = ip.pretrain_data(manifest, _cfg(epochs=2), seed=5)
   ref = _all(d.iterator())
+  assert len(ref) == 8
   it = d.iterator()
-  _all(it, 6)
+  assert len(_all(it, 6)) == 6
   state = it.get_state()
   it2 = d.iterator()
   it2.set_state(state)
-  _same(_all(it2), ref[6:])
-  _same(_all(d.iterator(start_step=5)), ref[5:])
+  assert_same_batches(_all(it2), ref[6:])
+  assert_same_batches(_all(d.iterator(start_step=5)), ref[5:])
 
 
 def test_process_sharding_concatenates_to_the_global_batch(manifest):
