@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Shared by tpu_vm.sh and tpu_multihost.sh (sourced, not run): gcloud helpers for a TPU VM
-# or slice. Expects PROJECT, ZONE, TPU_NAME, ACCELERATOR_TYPE, RUNTIME_VERSION, SPOT,
-# REPO, BRANCH, REPO_DIR, PYTHON_VERSION, DATA_GCS and DATA_ROOT to be set.
+# Shared by tpu_vm.sh and tpu_multihost.sh (sourced, not run): the defaults of the settings
+# both scripts document, and gcloud helpers for a TPU VM or slice. The sourcing script
+# sets REPO_DIR, TPU_NAME and ACCELERATOR_TYPE (their defaults differ) before sourcing.
+
+PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
+ZONE="${ZONE:-europe-west4-b}"
+RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}"
+SPOT="${SPOT:-0}"
+REPO="${REPO:-}"
+BRANCH="${BRANCH:-main}"
+CONFIG="${CONFIG:-configs/paper.py}"
+RUN_NAME="${RUN_NAME:-paper}"
+DATA_GCS="${DATA_GCS:-}"
+DATA_ROOT="${DATA_ROOT:-\$HOME/data/cells}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
+
+if [[ -z "$PROJECT" ]]; then
+  echo "error: set PROJECT (or gcloud config set project ...)" >&2
+  exit 2
+fi
 
 GCLOUD_TPU=(--zone="$ZONE" --project="$PROJECT")
 

@@ -53,32 +53,16 @@
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
-ZONE="${ZONE:-europe-west4-b}"
 TPU_NAME="${TPU_NAME:-slamags-slice}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v5litepod-16}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}"
-SPOT="${SPOT:-0}"
+source "$REPO_DIR/launch/tpu_common.sh"
 SHARED_BUCKET="${SHARED_BUCKET:-}"
 SHARED_MOUNT_CMD="${SHARED_MOUNT_CMD:-}"
-REPO="${REPO:-}"
-BRANCH="${BRANCH:-main}"
-CONFIG="${CONFIG:-configs/paper.py}"
-RUN_NAME="${RUN_NAME:-paper}"
-DATA_GCS="${DATA_GCS:-}"
-DATA_ROOT="${DATA_ROOT:-\$HOME/data/cells}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 
-if [[ -z "$PROJECT" ]]; then
-  echo "error: set PROJECT (or gcloud config set project ...)" >&2
-  exit 2
-fi
 if [[ -z "$SHARED_BUCKET" && -z "$SHARED_MOUNT_CMD" ]]; then
   echo "error: set SHARED_BUCKET (a bucket for the shared workdir) or SHARED_MOUNT_CMD" >&2
   exit 2
 fi
-source "$REPO_DIR/launch/tpu_common.sh"
 WORKDIR="\$HOME/shared/workdirs/$RUN_NAME"
 MAIN="~/slamags-venv/bin/python -m slamags_jax.main --config=$(printf %q "$CONFIG") --workdir=$WORKDIR --config.data.root=$DATA_ROOT $EXTRA_ARGS"
 

@@ -38,27 +38,10 @@
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
-ZONE="${ZONE:-europe-west4-b}"
 TPU_NAME="${TPU_NAME:-slamags-tpu}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v5litepod-8}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}"
-SPOT="${SPOT:-0}"
-REPO="${REPO:-}"
-BRANCH="${BRANCH:-main}"
-CONFIG="${CONFIG:-configs/paper.py}"
-RUN_NAME="${RUN_NAME:-paper}"
-DATA_GCS="${DATA_GCS:-}"
-DATA_ROOT="${DATA_ROOT:-\$HOME/data/cells}"
-RESULTS_GCS="${RESULTS_GCS:-}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
-
-if [[ -z "$PROJECT" ]]; then
-  echo "error: set PROJECT (or gcloud config set project ...)" >&2
-  exit 2
-fi
 source "$REPO_DIR/launch/tpu_common.sh"
+RESULTS_GCS="${RESULTS_GCS:-}"
 
 setup_script() {  # the install script run on every worker
   install_script
