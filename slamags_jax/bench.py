@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slamags_jax import config as config_lib
+from slamags_jax import conv
 from slamags_jax import models, parallel, pretrain
 
 
@@ -97,7 +98,8 @@ class _Step:
                                          mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
                                          temperature=cfg.pretrain.temperature),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0,
+        compiler_options=conv.compiler_options())
     t0 = time.perf_counter()
     self.compiled = step.lower(self.state, batch).compile()
     self.compile_s = time.perf_counter() - t0

@@ -1,13 +1,18 @@
 """2-D convolution with a lowering chosen per layer shape, for fast training on CPU.
 
-XLA:CPU's convolution is fast on large feature maps but slow on small maps with many
-channels: a 3x3, 512 -> 512 convolution on 2x2 maps (batch 64) runs at about 2 GFLOP/s,
-while the same computed as patches x weights (im2col + one matmul) reaches about
-160 GFLOP/s on the same two cores; stride-2 input gradients are also faster as matmuls.
-``conv2d`` therefore computes the forward pass, the input gradient and the kernel
-gradient each with the lowering that is faster for that layer's shape (a
-``jax.custom_vjp``), and every choice computes the same mathematical function as
-``lax.conv_general_dilated`` (the tests check forward and both gradients).
+XLA:CPU computes a convolution with one of two kernels: YNNPACK's (the default in
+jaxlib 0.10 for every convolution) or its Eigen-based one. On the 2-core x86 CPU of
+the benchmark the Eigen kernel is faster on every ResNet18 layer with maps of 4x4 and
+more (e.g. 3x3, 64 -> 64 on 32x32 maps, batch 64: 32 ms forward against 40-50 ms), so
+the jitted steps of this package compile with ``compiler_options()``: YNNPACK for
+matmuls and reductions only. On tiny maps with many channels both kernels are slow (a
+3x3, 512 -> 512 convolution on 2x2 maps, batch 64: about 530 ms forward), while the
+same computed as patches x weights (im2col + one matmul) takes 7 ms; stride-2 input
+gradients are also faster as matmuls. ``conv2d`` therefore computes the forward pass,
+the input gradient and the kernel gradient each with the lowering that is faster for
+that layer's shape (a ``jax.custom_vjp``), and every choice computes the same
+mathematical function as ``lax.conv_general_dilated`` (the tests check forward and both
+gradients).
 
 Layout: NHWC activations, HWIO kernels, symmetric explicit padding (PyTorch style).
 """
@@ -43,18 +48,51 @@ def _chunks(rows: int, positions: int, lo: int, hi: int) -> int:
   return 4 if lo <= positions <= hi and rows % 4 == 0 else 1
 
 
+# YNNPACK for matmuls and reductions (where it is XLA:CPU's fastest kernel) but not for
+# convolutions, which then go to XLA:CPU's Eigen kernel (module docstring).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(jnp.zeros(())).compile()
+  except Exception:  # an XLA without this option: its own defaults are used
+    return False
+  return True
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA compile options under which ``choose_lowering``'s "auto" rules were tuned.
+
+  Pass them to the ``jax.jit`` of anything that runs the encoder::
+
+    step = jax.jit(train_step, compiler_options=conv.compiler_options())
+
+  On CPU: YNNPACK for matmuls and reductions only, so that convolutions use XLA's
+  Eigen kernel (1.2-1.6x faster on ResNet18's layers on the benchmark CPU, see
+  docs/performance.md). Empty on GPU/TPU, and on an XLA that lacks the option.
+  Numerics are unchanged up to float32 summation order.
+  """
+  if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
 def choose_lowering(impl: str, x_shape, kernel_shape, stride: int, padding: int) -> Lowering:
   """The lowering for a layer: ``impl`` is "xla", "matmul" or "auto".
 
-  "auto" follows per-layer timings of ResNet18 at 64 and 128 px on a 2-core x86 CPU
-  (docs/performance.md):
+  "auto" follows per-layer and whole-step timings of ResNet18 at 64 and 128 px on a
+  2-core x86 CPU, compiled with ``compiler_options()`` (docs/performance.md):
   - 1x1 kernels and maps of at most 4x4 outputs: matmuls everywhere (XLA's convolution
-    runs at ~2 GFLOP/s on 2x2 maps with 512 channels);
+    takes ~530 ms for a 3x3, 512 -> 512 convolution on 2x2 maps, batch 64; the matmul 7 ms);
   - stride-2 3x3 kernels: matmul input gradient;
   - otherwise XLA's convolution, with the batch cut into 4 chunks for the kernel
     gradient once the output has 4096+ positions (batch x height x width) and for the
-    forward pass between 16384 and 65536 positions: on whole large batches XLA:CPU's
-    convolutions lose up to 3x to cache misses.
+    forward pass between 16384 and 65536 positions. The chunks are independent, so
+    XLA runs them side by side on the cores; without them the 128 px step is ~12 %
+    slower.
   On GPU and TPU use "xla" (the backends' convolutions are the fast path).
   """
   if impl in ("xla", "matmul"):

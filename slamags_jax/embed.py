@@ -27,7 +27,7 @@ from absl import logging
 from tqdm import tqdm
 
 from slamags_jax import bags as bags_lib
-from slamags_jax import checkpoints, fileio, input_pipeline, models, parallel
+from slamags_jax import checkpoints, conv, fileio, input_pipeline, models, parallel
 
 
 def make_embed_fn(model: models.SlamModel, cfg, mesh=None):
@@ -39,10 +39,11 @@ def make_embed_fn(model: models.SlamModel, cfg, mesh=None):
     out = model.apply(variables, models.normalize(images, mean, std), train=False)
     return out[which].astype(jnp.float32)
 
+  options = conv.compiler_options()
   if mesh is None:
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=options)
   return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))
+                 out_shardings=parallel.batch_sharding(mesh), compiler_options=options)
 
 
 def embed_array(embed_fn, variables, images: np.ndarray, mesh, batch_size: int) -> np.ndarray:

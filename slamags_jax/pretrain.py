@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slamags_jax import losses, models, surgery
+from slamags_jax import conv, losses, models, surgery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,7 +377,7 @@ def run(cfg, workdir: str) -> None:
                         std=tuple(cfg.data.std), temperature=cfg.pretrain.temperature),
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=conv.compiler_options())
 
   patches = cfg.pretrain.batch_size
   last = {"step": start, "loss": None, "t": time.perf_counter(), "bad_streak": int(state.bad_streak)}

@@ -97,3 +97,17 @@ def test_chunked_lowering_matches_lax(shape, kernel, stride, padding):
     dy = jnp.asarray(rng.standard_normal(y_ref.shape))
     for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
       np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-11)
+
+
+def test_compiler_options_keep_the_function():
+  """The CPU compile options change which kernel runs a convolution, not what it computes."""
+  assert conv.compiler_options("gpu") == {} and conv.compiler_options("tpu") == {}
+  options = conv.compiler_options()
+  if jax.default_backend() == "cpu":
+    assert options == conv._CPU_OPTIONS or options == {}  # {}: an XLA without the option
+  x, w = _inputs((8, 4, 4, 3, 1, 1), np.float32)
+  f = lambda x, w: conv.conv2d(x, w, 1, 1, "xla")  # noqa: E731
+  compiled = jax.jit(f, compiler_options=options).lower(x, w).compile()
+  np.testing.assert_allclose(compiled(x, w), reference(x, w, 1, 1), rtol=1e-5, atol=1e-5)
+  if options:  # XLA's own convolution, not a YNNPACK fusion
+    assert "convolution(" in compiled.as_text() and "ynn_fusion" not in compiled.as_text()
