@@ -85,9 +85,11 @@ def choose_lowering(impl: str, x_shape, kernel_shape, stride: int, padding: int)
 
   "auto" follows per-layer and whole-step timings of ResNet18 at 64 and 128 px on a
   2-core x86 CPU, compiled with ``compiler_options()`` (docs/performance.md):
-  - 1x1 kernels and maps of at most 4x4 outputs: matmuls everywhere (XLA's convolution
+  - 1x1 kernels and maps of at most 2x2 outputs: matmuls everywhere (XLA's convolution
     takes ~530 ms for a 3x3, 512 -> 512 convolution on 2x2 maps, batch 64; the matmul 7 ms);
-  - stride-2 3x3 kernels: matmul input gradient;
+  - stride-2 3x3 kernels and maps of at most 4x4 outputs: matmul input gradient (on 4x4
+    maps XLA's forward and kernel gradient are the faster ones: 3x3, 512 -> 512, batch
+    64, kernel gradient 25 ms against 39 ms as a matmul);
   - otherwise XLA's convolution, with the batch cut into 4 chunks for the kernel
     gradient once the output has 4096+ positions (batch x height x width) and for the
     forward pass between 16384 and 65536 positions. The chunks are independent, so
@@ -102,10 +104,10 @@ def choose_lowering(impl: str, x_shape, kernel_shape, stride: int, padding: int)
   kh, kw = kernel_shape[:2]
   ho = _out_size(x_shape[1], kh, stride, padding)
   wo = _out_size(x_shape[2], kw, stride, padding)
-  if (kh == 1 and kw == 1) or ho * wo <= 16:
+  if (kh == 1 and kw == 1) or ho * wo <= 4:
     return Lowering("matmul", "matmul", "matmul")
   rows, positions = x_shape[0], x_shape[0] * ho * wo
-  return Lowering("xla", "matmul" if stride > 1 else "xla", "xla",
+  return Lowering("xla", "matmul" if stride > 1 or ho * wo <= 16 else "xla", "xla",
                   forward_chunks=_chunks(rows, positions, 16384, 65536),
                   grad_kernel_chunks=_chunks(rows, positions, 4096, 1 << 62))
 

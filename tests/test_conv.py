@@ -9,12 +9,13 @@ from jax import lax
 from slamags_jax import conv
 
 # (input size, cin, cout, kernel, stride, padding): the ResNet shapes in miniature,
-# including the 2x2-map case and 1x1 stride-2 shortcuts.
+# including the 2x2- and 4x4-map cases and 1x1 stride-2 shortcuts.
 CASES = [
     (9, 3, 4, 7, 2, 3),
     (8, 4, 4, 3, 1, 1),
     (8, 4, 6, 3, 2, 1),
     (2, 6, 6, 3, 1, 1),
+    (4, 6, 6, 3, 1, 1),  # 4x4 maps: XLA forward and kernel gradient, matmul input gradient
     (4, 6, 8, 3, 2, 1),
     (8, 4, 6, 1, 2, 0),
     (5, 3, 5, 3, 2, 1),  # odd size at stride 2: torch-style explicit padding
@@ -67,8 +68,9 @@ def test_float32_under_jit_matches_within_rounding():
 
 def test_auto_lowering_rule():
   L = conv.Lowering
-  # Small maps and 1x1 kernels: matmul everywhere.
-  assert conv.choose_lowering("auto", (8, 4, 4, 512), (3, 3, 512, 512), 1, 1) == L("matmul", "matmul", "matmul")
+  # Tiny maps and 1x1 kernels: matmul everywhere; 4x4 maps: matmul input gradient.
+  assert conv.choose_lowering("auto", (8, 2, 2, 512), (3, 3, 512, 512), 1, 1) == L("matmul", "matmul", "matmul")
+  assert conv.choose_lowering("auto", (8, 4, 4, 512), (3, 3, 512, 512), 1, 1) == L("xla", "matmul", "xla")
   assert conv.choose_lowering("auto", (8, 32, 32, 64), (1, 1, 64, 128), 2, 0) == L("matmul", "matmul", "matmul")
   # Large maps: XLA, matmul input gradients at stride 2, batch chunks on big outputs.
   assert conv.choose_lowering("auto", (8, 32, 32, 64), (3, 3, 64, 64), 1, 1) == L("xla", "xla", "xla", 1, 4)
