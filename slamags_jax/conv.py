@@ -71,7 +71,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     step = jax.jit(train_step, compiler_options=conv.compiler_options())
 
   On CPU: YNNPACK for matmuls and reductions only, so that convolutions use XLA's
-  Eigen kernel (1.2-1.6x faster on ResNet18's layers on the benchmark CPU, see
+  Eigen kernel (1.2-2x faster on ResNet18's layers on the benchmark CPU, see
   docs/performance.md). Empty on GPU/TPU, and on an XLA that lacks the option.
   Numerics are unchanged up to float32 summation order.
   """
