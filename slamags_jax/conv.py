@@ -2,8 +2,8 @@
 
 XLA:CPU computes a convolution with one of two kernels: YNNPACK's (the default in
 jaxlib 0.10 for every convolution) or its Eigen-based one. On the 2-core x86 CPU of
-the benchmark the Eigen kernel is faster on every ResNet18 layer with maps of 4x4 and
-more (e.g. 3x3, 64 -> 64 on 32x32 maps, batch 64: 32 ms forward against 40-50 ms), so
+the benchmark the Eigen kernel is faster on the large maps (e.g. 3x3, 64 -> 64 on 32x32
+maps, batch 64: 32 ms forward against 40-50 ms) and about as fast on the others, so
 the jitted steps of this package compile with ``compiler_options()``: YNNPACK for
 matmuls and reductions only. On tiny maps with many channels both kernels are slow (a
 3x3, 512 -> 512 convolution on 2x2 maps, batch 64: about 530 ms forward), while the
@@ -71,8 +71,8 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     step = jax.jit(train_step, compiler_options=conv.compiler_options())
 
   On CPU: YNNPACK for matmuls and reductions only, so that convolutions use XLA's
-  Eigen kernel (1.2-2x faster on ResNet18's layers on the benchmark CPU, see
-  docs/performance.md). Empty on GPU/TPU, and on an XLA that lacks the option.
+  Eigen kernel (up to 2x faster on ResNet18's stem and layer1 on the benchmark CPU,
+  about equal on the other layers; see docs/performance.md). Empty on GPU/TPU, and on an XLA that lacks the option.
   Numerics are unchanged up to float32 summation order.
   """
   if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
