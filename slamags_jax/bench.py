@@ -18,6 +18,8 @@ line one JSON object with:
   (`last_loss`: of the last timed step); `param_l2`: the L2 norm of all trained
   parameters after the K + 1 steps;
 - `devices`, `flops_per_step` (XLA's count for the compiled step), `gflops_per_second`;
+- `malloc_hugepages`: whether malloc got transparent huge pages (``slamags_jax.hugepages``:
+  run as a command, the bench re-executes itself with them where that takes effect);
 - with `--surgery-overhead` (two-task methods): the same step with the task gradients
   summed (`weaksupcon`), timed interleaved with this one, and `surgery_overhead`
   = step_ms / sum_step_ms - 1.
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slamags_jax import config as config_lib
-from slamags_jax import conv
+from slamags_jax import conv, hugepages
 from slamags_jax import models, parallel, pretrain
 
 
@@ -141,7 +143,7 @@ def bench_step(a) -> dict:
   out = {
       "mode": "step", "method": a.method, "pos": a.pos, "neg": a.neg, "size": a.size, "width": a.width,
       "depth": a.depth, "conv_impl": a.conv_impl, "dtype": a.dtype, "steps": a.steps,
-      "devices": n_dev, "backend": jax.default_backend(),
+      "devices": n_dev, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
       "step_ms": round(dt * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
       "images_per_second": round((a.pos + a.neg) / dt, 2),
       "loss": first_loss, "last_loss": float(step.metrics["loss"]),
@@ -172,7 +174,7 @@ def bench_embed(a) -> dict:
   compile_s = time.perf_counter() - t0
   dt = float(np.median(_timed(lambda: fn(variables, images), a.steps)))
   return {"mode": "embed", "size": a.size, "width": a.width, "depth": a.depth, "batch": batch,
-          "devices": mesh.size, "backend": jax.default_backend(), "embedding": cfg.model.embedding,
+          "devices": mesh.size, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(), "embedding": cfg.model.embedding,
           "batch_ms": round(dt * 1e3, 2), "images_per_second": round(batch / dt, 1),
           "compile_s": round(compile_s, 1)}
 
@@ -213,7 +215,7 @@ def bench_mil(a) -> dict:
   mil.predict(model, state["params"], bags, length, forward=forward)
   infer_dt = time.perf_counter() - t0
   return {"mode": "mil", "mil_model": a.mil_model, "bags": a.bags, "bag_size": a.bag_size, "dim": a.dim,
-          "bags_per_step": a.bags_per_step, "devices": mesh.size, "backend": jax.default_backend(),
+          "bags_per_step": a.bags_per_step, "devices": mesh.size, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
           "train_step_ms": round(train_dt * 1e3, 3),
           "train_bags_per_second": round(a.bags_per_step / train_dt, 1),
           "infer_bags_per_second": round(a.bags / infer_dt, 1)}
@@ -227,7 +229,7 @@ def bench_matmul(a) -> dict:
   f = jax.jit(jnp.matmul)
   jax.block_until_ready(f(x, y))  # compile
   dt = float(np.median(_timed(lambda: f(x, y), a.steps)))
-  return {"mode": "matmul", "n": n, "dtype": "float32", "devices": 1, "backend": jax.default_backend(),
+  return {"mode": "matmul", "n": n, "dtype": "float32", "devices": 1, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
           "matmul_ms": round(dt * 1e3, 2), "gflops_per_second": round(2 * n ** 3 / dt / 1e9, 1)}
 
 
@@ -260,4 +262,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
   main()

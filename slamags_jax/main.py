@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from slamags_jax import config as config_lib
+from slamags_jax import hugepages
 from slamags_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -268,4 +269,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
   app.run(main, flags_parser=_parse_flags)
