@@ -3,7 +3,8 @@
 Run (needs a PyTorch CPU build; not a dependency of slamags-jax):
   python launch/bench_torch_reference.py --pos 32 --neg 32 --size 64 --steps 5
 Prints as its last line one JSON object with `images_per_second` (patches/s),
-`step_ms` and `loss`, comparable with `python -m slamags_jax.bench`.
+`step_ms` (the median step; `step_ms_mean`, `step_ms_min` beside it) and `loss`,
+comparable with `python -m slamags_jax.bench`.
 
 What it runs is the algorithm as the authors' implementation runs it (written here from
 the description in the reference notes, not copied): ResNet18 (torchvision topology and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -133,17 +135,20 @@ def main():
       q.grad = g[offset:offset + q.numel()].view_as(q).clone()
       offset += q.numel()
     opt.step()
-    return float(l_sim + l_nt)
+    return float((l_sim + l_nt).detach())
 
   loss = step()  # warm-up
-  t0 = time.perf_counter()
+  times = []
   for _ in range(a.steps):
+    t0 = time.perf_counter()
     loss = step()
-  dt = (time.perf_counter() - t0) / a.steps
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)  # the median step, as slamags_jax.bench reports
   print(json.dumps({"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
                     "pos": a.pos, "neg": a.neg, "size": a.size, "width": a.width,
-                    "step_ms": round(dt * 1e3, 1), "images_per_second": round((a.pos + a.neg) / dt, 2),
-                    "loss": loss}))
+                    "step_ms": round(dt * 1e3, 1), "step_ms_mean": round(statistics.mean(times) * 1e3, 1),
+                    "step_ms_min": round(min(times) * 1e3, 1),
+                    "images_per_second": round((a.pos + a.neg) / dt, 2), "loss": loss}))
 
 
 if __name__ == "__main__":
