@@ -65,6 +65,11 @@ def _flops(compiled) -> float:
     return float("nan")
 
 
+def _host() -> dict:
+  """Where the numbers were taken: the JAX backend and whether malloc got huge pages."""
+  return {"backend": jax.default_backend(), "malloc_hugepages": hugepages.active()}
+
+
 def _cfg(a) -> "config_lib.ml_collections.ConfigDict":
   cfg = config_lib.get_base_config()
   cfg.seed = a.seed
@@ -143,7 +148,7 @@ def bench_step(a) -> dict:
   out = {
       "mode": "step", "method": a.method, "pos": a.pos, "neg": a.neg, "size": a.size, "width": a.width,
       "depth": a.depth, "conv_impl": a.conv_impl, "dtype": a.dtype, "steps": a.steps,
-      "devices": n_dev, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
+      "devices": n_dev, **_host(),
       "step_ms": round(dt * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
       "images_per_second": round((a.pos + a.neg) / dt, 2),
       "loss": first_loss, "last_loss": float(step.metrics["loss"]),
@@ -174,7 +179,7 @@ def bench_embed(a) -> dict:
   compile_s = time.perf_counter() - t0
   dt = float(np.median(_timed(lambda: fn(variables, images), a.steps)))
   return {"mode": "embed", "size": a.size, "width": a.width, "depth": a.depth, "batch": batch,
-          "devices": mesh.size, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(), "embedding": cfg.model.embedding,
+          "devices": mesh.size, **_host(), "embedding": cfg.model.embedding,
           "batch_ms": round(dt * 1e3, 2), "images_per_second": round(batch / dt, 1),
           "compile_s": round(compile_s, 1)}
 
@@ -215,7 +220,7 @@ def bench_mil(a) -> dict:
   mil.predict(model, state["params"], bags, length, forward=forward)
   infer_dt = time.perf_counter() - t0
   return {"mode": "mil", "mil_model": a.mil_model, "bags": a.bags, "bag_size": a.bag_size, "dim": a.dim,
-          "bags_per_step": a.bags_per_step, "devices": mesh.size, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
+          "bags_per_step": a.bags_per_step, "devices": mesh.size, **_host(),
           "train_step_ms": round(train_dt * 1e3, 3),
           "train_bags_per_second": round(a.bags_per_step / train_dt, 1),
           "infer_bags_per_second": round(a.bags / infer_dt, 1)}
@@ -229,7 +234,7 @@ def bench_matmul(a) -> dict:
   f = jax.jit(jnp.matmul)
   jax.block_until_ready(f(x, y))  # compile
   dt = float(np.median(_timed(lambda: f(x, y), a.steps)))
-  return {"mode": "matmul", "n": n, "dtype": "float32", "devices": 1, "backend": jax.default_backend(), "malloc_hugepages": hugepages.active(),
+  return {"mode": "matmul", "n": n, "dtype": "float32", "devices": 1, **_host(),
           "matmul_ms": round(dt * 1e3, 2), "gflops_per_second": round(2 * n ** 3 / dt / 1e9, 1)}
 
 
