@@ -124,6 +124,7 @@ FIELDS: Sequence[Field] = (
     Field("model.embedding", "head", "What the embed stage stores: `head` (projection-head output, as the authors) or `pooled` (encoder features).", _choice("head", "pooled")),
     Field("model.conv_impl", "auto", "Convolution lowering: `xla` (lax.conv), `matmul` (patches x weights), `auto` (matmul on small feature maps, where XLA:CPU convolutions are slow).", _choice("auto", "xla", "matmul")),
     Field("model.dtype", "float32", "Compute dtype of the encoder (parameters stay float32).", _choice("float32", "bfloat16")),
+    Field("model.task_heads", "shared", "Projection heads of the two-task methods: `shared` (one head for both tasks, as the authors) or `per_task` (a second head of the same shape for the similarity task on the shared encoder; the contrastive task's head is the one embedded).", _choice("shared", "per_task")),
     Field("model.bn_sync", True, "BatchNorm statistics over the global view batch across devices (True) or per device (False).", None),
     # -- pretraining --
     Field("pretrain.method", "slam_ags", f"Pretraining method: {', '.join('`%s`' % m for m in METHODS)} (see docs/reference in README).", _choice(*METHODS)),
@@ -135,6 +136,9 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.weight_decay", 1e-4, "Coupled weight decay on all parameters.", _range(0.0)),
     Field("pretrain.warmup_epochs", 0, "Linear warm-up epochs before the cosine decay to 0 (the schedule steps per epoch, as the reference).", _INT_NONNEG),
     Field("pretrain.temperature", 0.07, "Temperature of NT-Xent and of the similarity loss.", _range(0.0, lo_open=True)),
+    Field("pretrain.similarity_temperature", -1.0, "Temperature of the similarity loss alone (its pull scales with 1 / temperature); -1 uses `pretrain.temperature`, as the authors.", lambda v: None if v == -1 else _range(0.0, lo_open=True)(v)),
+    Field("pretrain.balance_task_norms", False, "Rescale each task gradient to the mean task-gradient norm before combining them (`surgery.balance_task_norms`); False as the authors.", None),
+    Field("pretrain.surgery_scope", "all", "Parameters the gradient surgery sees: `all` (one vector over every parameter, as the authors) or `shared` (the encoder only; with `model.task_heads=per_task` each head takes its own task's gradient, LibMTL's convention).", _choice("all", "shared")),
     Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),

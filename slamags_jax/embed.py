@@ -24,15 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
+from slamags_jax.progress import progress
 
 from slamags_jax import bags as bags_lib
 from slamags_jax import checkpoints, conv, fileio, input_pipeline, models, parallel
 
 
-def make_embed_fn(model: models.SlamModel, cfg, mesh=None):
-  """jitted ``(variables, uint8 images [b, h, w, 3]) -> float32 [b, D]`` (eval mode)."""
-  which = cfg.model.embedding
+def make_embed_fn(model: models.SlamModel, cfg, mesh=None, which: str | None = None):
+  """jitted ``(variables, uint8 images [b, h, w, 3]) -> float32 [b, D]`` (eval mode).
+
+  ``which`` output of the model: ``model.embedding`` by default, or ``head`` / ``pooled``.
+  """
+  which = which or cfg.model.embedding
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
 
   def fn(variables, images):
@@ -85,7 +88,7 @@ def run(cfg, workdir: str) -> None:
                                    process_count=jax.process_count())
   ids, embs = [], []
   t0 = time.perf_counter()
-  for b in tqdm(data, total=len(data), desc="embed", unit="batch", disable=not parallel.is_writer()):
+  for b in progress(data, total=len(data), desc="embed", unit="batch", disable=not parallel.is_writer()):
     gb = parallel.global_batch({"images": b["images"], "cell_ids": b["cell_ids"], "valid": b["valid"]}, mesh)
     e = parallel.to_host(embed_fn(variables, gb["images"]))
     valid = parallel.to_host(gb["valid"])
