@@ -257,11 +257,15 @@ def balance_task_norms(num_tasks: int = 2, *, eps: float = 1e-12) -> optax.Gradi
 
   >>> import jax.numpy as jnp, optax
   >>> from slamags_jax import surgery
-  >>> g = {"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])}  # task norms 5 and 1
-  >>> tx = optax.chain(surgery.balance_task_norms(), surgery.adaptive_gradient_surgery())
+  >>> g = {"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])}  # stacked: task norms 5 and 1
   >>> balanced, _ = surgery.balance_task_norms().update(g, None)
   >>> [round(float(x), 4) for x in jnp.linalg.norm(balanced["w"], axis=1)]
   [3.0, 3.0]
+  >>> tx = optax.chain(surgery.balance_task_norms(), surgery.adaptive_gradient_surgery())
+  >>> params = {"w": jnp.zeros(2)}
+  >>> update, _ = tx.update(g, tx.init(params), params)
+  >>> update["w"].shape
+  (2,)
   """
   if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
     raise ValueError(f"balance_task_norms: num_tasks must be an int >= 1, got {num_tasks!r}")
