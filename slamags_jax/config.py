@@ -20,7 +20,9 @@ import ml_collections
 from slamags_jax.errors import UserError
 
 STAGES = ("bags", "pretrain", "embed", "mil", "report")
-METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random")
+METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random",
+           "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
+TWO_TASK_METHODS = ("slam_ags", "weaksupcon", "pcgrad", "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ FIELDS: Sequence[Field] = (
     Field("model.embedding", "head", "What the embed stage stores: `head` (projection-head output, as the authors) or `pooled` (encoder features).", _choice("head", "pooled")),
     Field("model.conv_impl", "auto", "Convolution lowering: `xla` (lax.conv), `matmul` (patches x weights), `auto` (matmul on small feature maps, where XLA:CPU convolutions are slow).", _choice("auto", "xla", "matmul")),
     Field("model.dtype", "float32", "Compute dtype of the encoder (parameters stay float32).", _choice("float32", "bfloat16")),
-    Field("model.task_heads", "shared", "Projection heads of the two-task methods: `shared` (one head for both tasks, as the authors) or `per_task` (a second head of the same shape for the similarity task on the shared encoder; the contrastive task's head is the one embedded).", _choice("shared", "per_task")),
+    Field("model.task_heads", "auto", "Projection heads of the two-task methods: `shared` (one head for both tasks, as the authors), `per_task` (a second head of the same shape for the similarity task on the shared encoder; the contrastive task's head is the one embedded), or `auto` (what the method says: `per_task` for the `*_heads` methods, else `shared`).", _choice("auto", "shared", "per_task")),
     Field("model.bn_sync", True, "BatchNorm statistics over the global view batch across devices (True) or per device (False).", None),
     # -- pretraining --
     Field("pretrain.method", "slam_ags", f"Pretraining method: {', '.join('`%s`' % m for m in METHODS)} (see docs/reference in README).", _choice(*METHODS)),
@@ -240,6 +242,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError(f"config key 'data.abnormal_classes' repeats a normal class: {sorted(overlap)[0]!r}")
   if cfg.pretrain.warmup_epochs > cfg.pretrain.epochs:
     raise UserError(f"config key 'pretrain.warmup_epochs' must be <= pretrain.epochs ({cfg.pretrain.epochs}), got {cfg.pretrain.warmup_epochs}")
+  if cfg.pretrain.method.endswith("_heads") and cfg.model.task_heads == "shared":
+    raise UserError(f"config key 'model.task_heads' is 'shared', but method {cfg.pretrain.method!r} is defined by "
+                    "per-task heads (use its base method for a shared head)")
+  if cfg.model.task_heads == "per_task" and cfg.pretrain.method not in TWO_TASK_METHODS:
+    raise UserError(f"config key 'model.task_heads' is 'per_task', but method {cfg.pretrain.method!r} has one task "
+                    f"(per-task heads need one of {', '.join(TWO_TASK_METHODS)})")
   if cfg.bags.n_train % 2 or cfg.bags.n_test % 2:
     raise UserError("config keys 'bags.n_train' and 'bags.n_test' must be even (half negative, half positive bags)")
 

@@ -351,6 +351,13 @@ def param_count(tree) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
 
 
+def task_heads(cfg) -> str:
+  """``shared`` or ``per_task``: ``model.task_heads``, or for ``auto`` what the method says."""
+  if cfg.model.task_heads != "auto":
+    return cfg.model.task_heads
+  return "per_task" if cfg.pretrain.method.endswith("_heads") else "shared"
+
+
 def from_config(cfg, *, views: int = 1, device_groups: int = 1) -> SlamModel:
   """The model described by ``cfg.model`` (and a classifier for ``pretrain.method=weakly``)."""
   return SlamModel(
@@ -358,4 +365,4 @@ def from_config(cfg, *, views: int = 1, device_groups: int = 1) -> SlamModel:
       num_classes=2 if cfg.pretrain.method == "weakly" else 0,
       views=views, device_groups=device_groups, impl=cfg.model.conv_impl,
       dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
-      task_heads=cfg.model.task_heads)
+      task_heads=task_heads(cfg))

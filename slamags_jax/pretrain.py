@@ -12,6 +12,7 @@ tasks plus the rule that combines their gradients:
 | `simclr`     | NT-Xent on all patches (bag labels unused)          | T = 1   |
 | `weakly`     | cross-entropy of patches with their bag label       | T = 1   |
 | `random`     | none: the randomly initialised encoder              | -       |
+| `*_heads`    | the first three with one projection head per task   | as base |
 
 Per-task gradients: each task's loss is differentiated with `jax.grad` through its own
 views only, so the tasks together cost one backward pass over the batch. The stacked
@@ -53,13 +54,21 @@ class Method:
   neg_center_view: bool  # negative view 0 is the plain centre crop (SLAM methods)
 
 
+_TWO_TASKS = ("ntxent", "similarity")
 METHODS = {
-    "slam_ags": Method(("ntxent", "similarity"), "ags", True),
-    "weaksupcon": Method(("ntxent", "similarity"), "sum", True),
-    "pcgrad": Method(("ntxent", "similarity"), "pcgrad", True),
+    "slam_ags": Method(_TWO_TASKS, "ags", True),
+    "weaksupcon": Method(_TWO_TASKS, "sum", True),
+    "pcgrad": Method(_TWO_TASKS, "pcgrad", True),
     "simclr": Method(("ntxent_all",), "sum", False),
     "weakly": Method(("ce",), "sum", False),
     "random": Method((), "sum", False),
+    # The same three with one projection head per task on the shared encoder (the model
+    # reads the `_heads` suffix: models.task_heads). results/collapse: the shared head
+    # collapses under the similarity loss's pull; a head of its own lets that task be met
+    # without flattening the contrastive head.
+    "slam_ags_heads": Method(_TWO_TASKS, "ags", True),
+    "weaksupcon_heads": Method(_TWO_TASKS, "sum", True),
+    "pcgrad_heads": Method(_TWO_TASKS, "pcgrad", True),
 }
 
 
