@@ -92,6 +92,12 @@ def _jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _mean_of(records: list[dict], key: str) -> float | None:
+  """Mean of ``key`` over the records that have it (None when none has)."""
+  vals = [float(m[key]) for m in records if key in m]
+  return float(np.mean(vals)) if vals else None
+
+
 def _factor_of(workdir: str) -> str | None:
   rel = os.path.relpath(workdir, ROOT).split(os.sep)
   return rel[0] if rel and rel[0] in FACTORS else None
@@ -112,21 +118,16 @@ def collect() -> int:
              if m.get("kind") == "step" and not m.get("skipped")]
     last = steps[-1] if steps else {}
     col = pre.get("collapse") or {}
-    pos = [b for b in rep.get("per_bag", [])]
-    del pos
     rows.append({
         "factor": factor, "method": r["method"], "witness_rate": r["witness_rate"], "seed": r["seed"],
-        "ntxent_final": last.get("loss/ntxent"), "ntxent_last_epoch": col.get("ntxent_last_epoch"),
+        "ntxent_final": last.get("loss/ntxent", last.get("loss/ntxent_all")), "ntxent_last_epoch": col.get("ntxent_last_epoch"),
         "ntxent_chance": col.get("ntxent_chance"), "ntxent_over_chance": col.get("ntxent_over_chance"),
         "similarity_final": last.get("loss/similarity"),
         "head_effective_rank": pre.get("final_head_effective_rank"),
         "pooled_effective_rank": pre.get("final_pooled_effective_rank"), "collapsed": pre.get("collapsed"),
         "conflict_fraction": pre.get("conflict_fraction"), "mean_task_cosine": pre.get("mean_task_cosine"),
-        "grad_norm_ntxent": float(np.mean([m["grad_norm/ntxent"] for m in steps if "grad_norm/ntxent" in m]))
-        if any("grad_norm/ntxent" in m for m in steps) else None,
-        "grad_norm_similarity": float(np.mean([m["grad_norm/similarity"] for m in steps
-                                               if "grad_norm/similarity" in m]))
-        if any("grad_norm/similarity" in m for m in steps) else None,
+        "grad_norm_ntxent": _mean_of(steps, "grad_norm/ntxent") or _mean_of(steps, "grad_norm/ntxent_all"),
+        "grad_norm_similarity": _mean_of(steps, "grad_norm/similarity"),
         "val_bag_auc": rep.get("val_bag_auc"), "val_recall_at_k_mean": rep.get("val_recall_at_k_mean"),
         "val_retrieval_ap_mean": rep.get("val_retrieval_ap_mean"),
         "val_random_recall_at_k": min(int(rep["topk_k"]), 200) / 200.0,
