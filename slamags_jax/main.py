@@ -137,16 +137,9 @@ def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
       raise UserError(f"stage '{stage}' is complete in {workdir} but the stage '{before}' it was made from is not: "
                       f"remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' "
                       "folders to redo them")
-  if "bags" in wanted and not _complete(workdir, "bags") and cfg.data.source == "folder":
-    from slamags_jax import data as data_lib
-    if not cfg.data.root:
-      raise UserError("data.root is empty: set --config.data.root to a cell image folder")
-    root = os.path.abspath(cfg.data.root)
-    available = data_lib.class_folders(root)
-    for c in config_lib.split_csv(cfg.data.normal_classes) + config_lib.split_csv(cfg.data.abnormal_classes):
-      if c not in available:
-        raise UserError(f"class {c!r} has no folder in data root {root!r}; class folders there: "
-                        f"{', '.join(available) if available else 'none'}")
+  if "bags" in wanted and not _complete(workdir, "bags"):
+    from slamags_jax import bags
+    bags.check(cfg)  # the bag source's own checks (data root, class or slide folders, CSVs)
 
 
 def run(cfg, workdir: str) -> None:
