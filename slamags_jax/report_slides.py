@@ -57,10 +57,10 @@ def ranks(scores: np.ndarray) -> np.ndarray:
 
 def write_cells_csv(path: str, slides: Sequence[dict[str, Any]], labels: Sequence[str],
                     with_truth: bool) -> int:
-  """One row per (slide, cell): ``slide_id[, label], called, path[, annotation]``, attention, rank."""
+  """One row per (slide, cell): ``slide_id[, label, called], path[, annotation]``, attention, rank."""
   branches = slides[0]["attention_branches"].shape[1] if slides else 1
   att_cols = attention_columns(labels, branches)
-  header = ["slide_id"] + (["label"] if with_truth else []) + ["called", "path"] + \
+  header = ["slide_id"] + (["label", "called"] if with_truth else []) + ["path"] + \
       (["annotation"] if with_truth else []) + att_cols + ["rank"]
   rows = 0
   with fileio.atomic_open(path, "w") as f:
@@ -70,7 +70,7 @@ def write_cells_csv(path: str, slides: Sequence[dict[str, Any]], labels: Sequenc
       r = ranks(s["attention"])
       called = labels[int(s["pred"])]
       for i, p in enumerate(s["paths"]):
-        row = [s["id"]] + ([labels[int(s["label"])]] if with_truth else []) + [called, p]
+        row = [s["id"]] + ([labels[int(s["label"])], called] if with_truth else []) + [p]
         if with_truth:
           row.append(s["annotations"][i])
         row += [f"{float(x):.6g}" for x in s["attention_branches"][i]] + [int(r[i])]
