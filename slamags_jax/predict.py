@@ -28,6 +28,7 @@ anything is written. Unreadable images are skipped and named in the log.
 from __future__ import annotations
 
 import csv
+import logging as pylogging
 import os
 import sys
 import time
@@ -39,12 +40,18 @@ from slamags_jax import config as config_lib
 from slamags_jax import hugepages
 from slamags_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir with a trained MIL (the mil stage complete).")
-_SLIDES = flags.DEFINE_string("slides", None, "Folder with one sub-folder of single-cell images per slide.")
-_OUT = flags.DEFINE_string("out", None, "Folder for the predictions (created if missing).")
-_MIN_CELLS = flags.DEFINE_integer("min_cells", None, "Fewest readable images per slide (default: the run's bags.min_cells).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Cells per embedding batch (default: the run's embed.batch_size).")
-_CHECK = flags.DEFINE_bool("check_images", None, "Decode every image first and skip unreadable ones (default: the run's data.check_images).")
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program (``main`` defines ``--workdir`` too)."""
+  _FLAGS.update(
+      workdir=flags.DEFINE_string("workdir", None, "A run's workdir with a trained MIL (the mil stage complete)."),
+      slides=flags.DEFINE_string("slides", None, "Folder with one sub-folder of single-cell images per slide."),
+      out=flags.DEFINE_string("out", None, "Folder for the predictions (created if missing)."),
+      min_cells=flags.DEFINE_integer("min_cells", None, "Fewest readable images per slide (default: the run's bags.min_cells)."),
+      batch_size=flags.DEFINE_integer("batch_size", None, "Cells per embedding batch (default: the run's embed.batch_size)."),
+      check_images=flags.DEFINE_bool("check_images", None, "Decode every image first and skip unreadable ones (default: the run's data.check_images)."))
 
 
 def run_config(workdir: str):
@@ -70,8 +77,8 @@ def check_trained(workdir: str) -> None:
   """``UserError`` unless ``workdir`` holds an encoder and a trained MIL."""
   if not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} does not exist or is not a folder")
-  for rel, what in (("mil/summary.json", "a trained MIL"), ("mil/checkpoints", "a MIL checkpoint"),
-                    ("pretrain/encoder", "an encoder"), ("embeddings/index.json", "embeddings")):
+  for rel, what in (("mil/summary.json", "trained MIL"), ("mil/checkpoints", "MIL checkpoint"),
+                    ("pretrain/encoder", "pretrained encoder"), ("embeddings/index.json", "embeddings")):
     if not os.path.exists(os.path.join(workdir, rel)):
       raise UserError(f"--workdir {workdir} has no {what} ({rel} missing): run the pipeline through the mil stage first")
 
@@ -176,15 +183,25 @@ def _fail(message: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag, example in ((_WORKDIR, "--workdir=workdirs/demo"), (_SLIDES, "--slides=new_slides"),
-                        (_OUT, "--out=predictions")):
-    if not flag.value:
-      _fail(f"--{flag.name} is required, e.g. {example}")
+  for name, example in (("workdir", "--workdir=workdirs/demo"), ("slides", "--slides=new_slides"),
+                        ("out", "--out=predictions")):
+    if not _FLAGS[name].value:
+      _fail(f"--{name} is required, e.g. {example}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    predict_slides(_WORKDIR.value, _SLIDES.value, _OUT.value, min_cells=_MIN_CELLS.value,
-                   batch_size=_BATCH.value, check_images=_CHECK.value)
+    predict_slides(_FLAGS["workdir"].value, _FLAGS["slides"].value, _FLAGS["out"].value,
+                   min_cells=_FLAGS["min_cells"].value, batch_size=_FLAGS["batch_size"].value,
+                   check_images=_FLAGS["check_images"].value)
   except UserError as e:
     _fail(str(e))
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps checkpointing and runtime libraries' INFO chatter out of the log (as ``main``)."""
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -197,4 +214,5 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   hugepages.reexec_if_useful()
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)
