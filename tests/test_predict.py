@@ -18,7 +18,6 @@ import sys
 import numpy as np
 import pytest
 
-from slamags_jax import config as config_lib
 from slamags_jax import fileio, predict
 from slamags_jax.errors import UserError
 
