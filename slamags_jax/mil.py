@@ -64,8 +64,9 @@ validation bags the last epoch is used, and the log and summary say so.
 Outputs of ``run`` under ``<workdir>/mil/``: ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (orbax; the selected ("best") and the last epoch, step = epoch,
 written once training ends: the stage is short and reruns from scratch),
-``predictions.npz`` + ``predictions.json`` (every bag: abnormal probability,
-prediction, per-cell abnormal-class attention) and, last, ``summary.json``.
+``predictions.npz`` + ``predictions.json`` (every bag: abnormal probability, class
+probabilities ``probs``, prediction, per-cell ranking attention and every attention
+branch; the class names in ``labels``) and, last, ``summary.json``.
 The stage uses bag labels only; instance labels are read by the report stage.
 """
 
