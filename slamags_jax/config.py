@@ -252,6 +252,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError("config keys 'bags.n_train' and 'bags.n_test' must be even (half negative, half positive bags)")
 
 
+# Keys that only the slides bag source reads (with bags.source=simulated they change nothing).
+SLIDES_KEYS = ("bags.source", "data.slides_csv", "data.negative_labels", "data.cell_labels_csv",
+               "data.ignore_unlisted_slides", "bags.folds", "bags.fold", "bags.min_cells")
+# Keys that only the simulated bag source reads.
+SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_rate", "bags.bag_size",
+                  "bags.n_train", "bags.n_test", "bags.train_fraction", "bags.allow_reuse")
+
+
+def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Keys that do not affect a run's result with this config's bag source (for settings hashes).
+
+  With the default ``bags.source=simulated`` these are the slides keys, so fingerprints of
+  simulated runs are what they were before the slides source existed.
+  """
+  return SLIDES_KEYS if cfg.bags.source == "simulated" else ()
+
+
 def data_seed(cfg: ml_collections.ConfigDict) -> int:
   return cfg.seed if cfg.data.seed < 0 else cfg.data.seed
 
