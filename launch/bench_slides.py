@@ -8,7 +8,7 @@ layout: hard links to the in-repo PBC sample's images, repeated (so the files ar
 JPEGs but the set costs no disk); half the slides ``normal`` (lymphocytes and
 neutrophils), half ``abnormal`` (10 % erythroblasts). Then runs each stage of
 ``python -m slamags_jax.main --config=configs/demo.py`` as its own process under
-``/usr/bin/time -v`` (wall time and peak RSS of that process), with the ``random``
+``/usr/bin/time -v`` (wall time, CPU time (user + system) and peak RSS of that process), with the ``random``
 encoder (pretraining is not what this measures), 2 folds (fold 0), 3 MIL epochs, and
 last ``python -m slamags_jax.predict`` on every slide. Prints one JSON line per stage
 and writes them to ``<workdir>/bench.json``.
@@ -75,7 +75,9 @@ def timed(cmd: list[str], log: str) -> dict[str, float]:
     sys.stderr.write(proc.stderr[-3000:])
     raise SystemExit(f"failed: {' '.join(cmd)}")
   rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-  return {"wall_s": round(wall, 2), "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None}
+  cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+  return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+          "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None}
 
 
 def main() -> int:
@@ -107,6 +109,8 @@ def main() -> int:
   for r in results:
     if r.get("wall_s"):
       r["cells_per_s"] = round(r["cells"] / r["wall_s"], 1)
+    if r.get("cpu_s"):  # the process's own CPU time: what the stage costs when the CPU is shared
+      r["cells_per_cpu_s"] = round(r["cells"] / r["cpu_s"], 1)
   idx = json.load(open(os.path.join(run, "embeddings", "index.json")))
   mil = json.load(open(os.path.join(run, "mil", "summary.json")))
   extra = {"embed_cells_per_s_in_stage": idx.get("cells_per_second"), "mil_train_wall_s": mil.get("train_wall_s"),
