@@ -30,7 +30,7 @@ from absl import logging
 from slamags_jax import fileio
 from slamags_jax.errors import UserError
 # The simulation's functions stay importable from here (other modules and tests use them).
-from slamags_jax.bags_simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401
+from slamags_jax.bags_simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401  pylint: disable=unused-import
 
 FORMAT = "slamags-bags/1"
 MANIFEST = os.path.join("bags", "manifest.json")

@@ -20,7 +20,9 @@ import ml_collections
 from slamags_jax.errors import UserError
 
 STAGES = ("bags", "pretrain", "embed", "mil", "report")
-METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random")
+METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random",
+           "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
+TWO_TASK_METHODS = ("slam_ags", "weaksupcon", "pcgrad", "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,7 @@ FIELDS: Sequence[Field] = (
     Field("model.embedding", "head", "What the embed stage stores: `head` (projection-head output, as the authors) or `pooled` (encoder features).", _choice("head", "pooled")),
     Field("model.conv_impl", "auto", "Convolution lowering: `xla` (lax.conv), `matmul` (patches x weights), `auto` (matmul on small feature maps, where XLA:CPU convolutions are slow).", _choice("auto", "xla", "matmul")),
     Field("model.dtype", "float32", "Compute dtype of the encoder (parameters stay float32).", _choice("float32", "bfloat16")),
+    Field("model.task_heads", "auto", "Projection heads of the two-task methods: `shared` (one head for both tasks, as the authors), `per_task` (a second head of the same shape for the similarity task on the shared encoder; the contrastive task's head is the one embedded), or `auto` (what the method says: `per_task` for the `*_heads` methods, else `shared`).", _choice("auto", "shared", "per_task")),
     Field("model.bn_sync", True, "BatchNorm statistics over the global view batch across devices (True) or per device (False).", None),
     # -- pretraining --
     Field("pretrain.method", "slam_ags", f"Pretraining method: {', '.join('`%s`' % m for m in METHODS)} (see docs/reference in README).", _choice(*METHODS)),
@@ -143,6 +146,9 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.weight_decay", 1e-4, "Coupled weight decay on all parameters.", _range(0.0)),
     Field("pretrain.warmup_epochs", 0, "Linear warm-up epochs before the cosine decay to 0 (the schedule steps per epoch, as the reference).", _INT_NONNEG),
     Field("pretrain.temperature", 0.07, "Temperature of NT-Xent and of the similarity loss.", _range(0.0, lo_open=True)),
+    Field("pretrain.similarity_temperature", -1.0, "Temperature of the similarity loss alone (its pull scales with 1 / temperature); -1 uses `pretrain.temperature`, as the authors.", lambda v: None if v == -1 else _range(0.0, lo_open=True)(v)),
+    Field("pretrain.balance_task_norms", False, "Rescale each task gradient to the mean task-gradient norm before combining them (`surgery.balance_task_norms`); False as the authors.", None),
+    Field("pretrain.surgery_scope", "all", "Parameters the gradient surgery sees: `all` (one vector over every parameter, as the authors) or `shared` (the encoder only; with `model.task_heads=per_task` each head takes its own task's gradient, LibMTL's convention).", _choice("all", "shared")),
     Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),
@@ -248,6 +254,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError(f"config key 'bags.fold' must be < bags.folds ({cfg.bags.folds}), got {cfg.bags.fold}")
   if cfg.bags.source == "slides" and cfg.data.source != "folder":
     raise UserError("config key 'data.source' must be folder with bags.source=slides (slides are read from their folders)")
+  if cfg.pretrain.method.endswith("_heads") and cfg.model.task_heads == "shared":
+    raise UserError(f"config key 'model.task_heads' is 'shared', but method {cfg.pretrain.method!r} is defined by "
+                    "per-task heads (use its base method for a shared head)")
+  if cfg.model.task_heads == "per_task" and cfg.pretrain.method not in TWO_TASK_METHODS:
+    raise UserError(f"config key 'model.task_heads' is 'per_task', but method {cfg.pretrain.method!r} has one task "
+                    f"(per-task heads need one of {', '.join(TWO_TASK_METHODS)})")
   if cfg.bags.n_train % 2 or cfg.bags.n_test % 2:
     raise UserError("config keys 'bags.n_train' and 'bags.n_test' must be even (half negative, half positive bags)")
 

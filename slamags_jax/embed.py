@@ -27,15 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
+from slamags_jax.progress import progress
 
 from slamags_jax import bags as bags_lib
 from slamags_jax import checkpoints, conv, fileio, input_pipeline, models, parallel
 
 
-def make_embed_fn(model: models.SlamModel, cfg, mesh=None):
-  """jitted ``(variables, uint8 images [b, h, w, 3]) -> float32 [b, D]`` (eval mode)."""
-  which = cfg.model.embedding
+def make_embed_fn(model: models.SlamModel, cfg, mesh=None, which: str | None = None):
+  """jitted ``(variables, uint8 images [b, h, w, 3]) -> float32 [b, D]`` (eval mode).
+
+  ``which`` output of the model: ``model.embedding`` by default, or ``head`` / ``pooled``.
+  """
+  which = which or cfg.model.embedding
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
 
   def fn(variables, images):
@@ -77,7 +80,7 @@ def load_encoder_variables(cfg, workdir: str) -> dict:
 
 
 def stream_bags(manifest, cfg, model, variables, mesh, *, batch_size: int | None = None,
-                progress: bool = True, desc: str = "embed") -> Iterator[tuple[dict, np.ndarray]]:
+                show_progress: bool = True, desc: str = "embed") -> Iterator[tuple[dict, np.ndarray]]:
   """Embeds every cell of the manifest once and yields ``(bag, embeddings [n, D])`` as bags complete.
 
   Cells are embedded in id order; a bag is yielded as soon as its last cell is embedded,
@@ -105,7 +108,7 @@ def stream_bags(manifest, cfg, model, variables, mesh, *, batch_size: int | None
       uses[i] = uses.get(i, 0) + 1
   held: dict[int, np.ndarray] = {}
   embedded, nxt = 0, 0
-  for b in tqdm(data, total=len(data), desc=desc, unit="batch", disable=not (progress and parallel.is_writer())):
+  for b in progress(data, total=len(data), desc=desc, unit="batch", disable=not (show_progress and parallel.is_writer())):
     gb = parallel.global_batch({"images": b["images"], "cell_ids": b["cell_ids"], "valid": b["valid"]}, mesh)
     e = parallel.to_host(embed_fn(variables, gb["images"]))
     valid = parallel.to_host(gb["valid"])

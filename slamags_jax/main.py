@@ -179,7 +179,15 @@ def run(cfg, workdir: str) -> None:
       continue
     logging.info("stage %s: running", stage)
     _stage_fn(stage)(cfg, workdir)
-  logging.info("done: %s", workdir)
+  report_md = os.path.join(workdir, "report", "report.md")
+  if _complete(workdir, "report") and os.path.exists(report_md):
+    summary = fileio.read_json(os.path.join(workdir, MARKERS["report"]))
+    logging.info("done: test bag ROC-AUC %.3f, recall@%d %.3f (a random ranking: %.3f); the report is %s",
+                 summary.get("bag_auc", float("nan")), summary.get("topk_k", 0),
+                 summary.get("recall_at_k_mean", float("nan")), summary.get("random_recall_at_k_mean", float("nan")),
+                 os.path.relpath(report_md) if not os.path.relpath(report_md).startswith("..") else report_md)
+  else:
+    logging.info("done: %s", workdir)
 
 
 class _QuietLibraries(pylogging.Filter):

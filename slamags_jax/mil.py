@@ -87,7 +87,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from tqdm import tqdm
+from slamags_jax.progress import progress as progress_bar
 
 from slamags_jax import fileio
 from slamags_jax import metrics
@@ -520,8 +520,8 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   history: list[dict[str, Any]] = []
   best_key, best_params, best_epoch = None, params, 0
   train_s, train_bags, global_step = 0.0, 0, 0
-  bar = tqdm(range(1, int(mil_cfg.epochs) + 1), desc=f"mil[{mil_cfg.model}]", unit="epoch",
-             disable=not progress, leave=False)
+  bar = progress_bar(range(1, int(mil_cfg.epochs) + 1), desc=f"mil[{mil_cfg.model}]", unit="epoch",
+                     disable=not progress, leave=False)
   for epoch in bar:
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, epoch), n))
     t0 = time.perf_counter()

@@ -306,7 +306,11 @@ class SlamModel(nn.Module):
   """Encoder + projection head (+ a bag-label classifier for the weakly supervised baseline).
 
   Returns ``{"pooled": [N, F], "head": [N, head_dim]}`` and ``"logits": [N, 2]`` when
-  ``num_classes`` > 0.
+  ``num_classes`` > 0. With ``task_heads="per_task"`` a second projection head of the
+  same shape (``sim_head_fc1/2``) gives ``"head_similarity"``, the similarity task's
+  head on the shared encoder (hard parameter sharing); ``"head"`` stays the contrastive
+  task's head, the one that is embedded. The default ``"shared"`` is the authors' one
+  head for both tasks.
   """
   depth: int = 18
   width: int = 64
@@ -316,6 +320,7 @@ class SlamModel(nn.Module):
   device_groups: int = 1
   impl: str = "auto"
   dtype: Any = jnp.float32
+  task_heads: str = "shared"
 
   @nn.compact
   def __call__(self, x, train: bool) -> dict[str, jax.Array]:
@@ -323,6 +328,9 @@ class SlamModel(nn.Module):
                     name="encoder")(x, train)
     h = nn.relu(Dense(self.head_dim, name="head_fc1")(pooled))
     out = {"pooled": pooled, "head": Dense(self.head_dim, name="head_fc2")(h)}
+    if self.task_heads == "per_task":
+      hs = nn.relu(Dense(self.head_dim, name="sim_head_fc1")(pooled))
+      out["head_similarity"] = Dense(self.head_dim, name="sim_head_fc2")(hs)
     if self.num_classes:
       out["logits"] = Dense(self.num_classes, name="classifier")(out["head"])
     return out
@@ -343,10 +351,18 @@ def param_count(tree) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
 
 
+def task_heads(cfg) -> str:
+  """``shared`` or ``per_task``: ``model.task_heads``, or for ``auto`` what the method says."""
+  if cfg.model.task_heads != "auto":
+    return cfg.model.task_heads
+  return "per_task" if cfg.pretrain.method.endswith("_heads") else "shared"
+
+
 def from_config(cfg, *, views: int = 1, device_groups: int = 1) -> SlamModel:
   """The model described by ``cfg.model`` (and a classifier for ``pretrain.method=weakly``)."""
   return SlamModel(
       depth=cfg.model.depth, width=cfg.model.width, head_dim=cfg.model.head_dim,
       num_classes=2 if cfg.pretrain.method == "weakly" else 0,
       views=views, device_groups=device_groups, impl=cfg.model.conv_impl,
-      dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32)
+      dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
+      task_heads=task_heads(cfg))

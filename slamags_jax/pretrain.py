@@ -12,6 +12,7 @@ tasks plus the rule that combines their gradients:
 | `simclr`     | NT-Xent on all patches (bag labels unused)          | T = 1   |
 | `weakly`     | cross-entropy of patches with their bag label       | T = 1   |
 | `random`     | none: the randomly initialised encoder              | -       |
+| `*_heads`    | the first three with one projection head per task   | as base |
 
 Per-task gradients: each task's loss is differentiated with `jax.grad` through its own
 views only, so the tasks together cost one backward pass over the batch. The stacked
@@ -53,13 +54,21 @@ class Method:
   neg_center_view: bool  # negative view 0 is the plain centre crop (SLAM methods)
 
 
+_TWO_TASKS = ("ntxent", "similarity")
 METHODS = {
-    "slam_ags": Method(("ntxent", "similarity"), "ags", True),
-    "weaksupcon": Method(("ntxent", "similarity"), "sum", True),
-    "pcgrad": Method(("ntxent", "similarity"), "pcgrad", True),
+    "slam_ags": Method(_TWO_TASKS, "ags", True),
+    "weaksupcon": Method(_TWO_TASKS, "sum", True),
+    "pcgrad": Method(_TWO_TASKS, "pcgrad", True),
     "simclr": Method(("ntxent_all",), "sum", False),
     "weakly": Method(("ce",), "sum", False),
     "random": Method((), "sum", False),
+    # The same three with one projection head per task on the shared encoder (the model
+    # reads the `_heads` suffix: models.task_heads). results/collapse: the shared head
+    # collapses under the similarity loss's pull; a head of its own lets that task be met
+    # without flattening the contrastive head.
+    "slam_ags_heads": Method(_TWO_TASKS, "ags", True),
+    "weaksupcon_heads": Method(_TWO_TASKS, "sum", True),
+    "pcgrad_heads": Method(_TWO_TASKS, "pcgrad", True),
 }
 
 
@@ -98,12 +107,47 @@ def lr_schedule(peak: float, epochs: int, warmup_epochs: int, steps_per_epoch: i
   return schedule
 
 
+def shared_label(params) -> Any:
+  """``"shared"`` for the encoder's parameters, ``"task"`` for the heads (surgery_scope=shared)."""
+  return {name: jax.tree_util.tree_map(lambda _: "shared" if name == "encoder" else "task", sub)
+          for name, sub in params.items()}
+
+
+def combine_for_config(cfg, method: Method) -> optax.GradientTransformation:
+  """The stacked-gradient part of the optimizer: [balance ->] combine, over all or shared params.
+
+  Defaults are the authors' rule (the combine over every parameter as one vector). With
+  ``pretrain.surgery_scope=shared`` the combine sees only the encoder and the heads get
+  the plain sum of the task gradients (with per-task heads each head's gradient comes
+  from its own task only, the other's is zero there), as LibMTL applies its weighting
+  to the shared parameters only.
+  """
+  t = max(len(method.tasks), 1)
+  combine = combine_transform(method, cfg.seed)
+  if cfg.pretrain.surgery_scope == "shared" and t > 1:
+    combine = optax.multi_transform({"shared": combine, "task": surgery.sum_tasks(num_tasks=t)}, shared_label)
+  if cfg.pretrain.balance_task_norms and t > 1:
+    combine = optax.chain(surgery.balance_task_norms(num_tasks=t), combine)
+  return combine
+
+
 def make_optimizer(cfg, method: Method, steps_per_epoch: int) -> optax.GradientTransformation:
   p = cfg.pretrain
   return optax.chain(
-      combine_transform(method, cfg.seed),
+      combine_for_config(cfg, method),
       optax.add_decayed_weights(p.weight_decay),
       optax.sgd(lr_schedule(p.lr, p.epochs, p.warmup_epochs, steps_per_epoch), momentum=p.momentum))
+
+
+def similarity_temperature(cfg) -> float:
+  """The similarity loss's temperature: its own when set, else NT-Xent's (the authors')."""
+  t = float(cfg.pretrain.similarity_temperature)
+  return float(cfg.pretrain.temperature) if t == -1 else t
+
+
+def ntxent_chance(pairs: int) -> float:
+  """NT-Xent's value when all 2B embeddings coincide: ln(2B - 1) (every logit equal)."""
+  return math.log(2 * pairs - 1) if pairs >= 1 else float("nan")
 
 
 def init_variables(model: models.SlamModel, key: jax.Array, crop: int) -> dict:
@@ -129,14 +173,19 @@ def _forward_views(model, params, stats, images, mean, std):
   return jax.tree_util.tree_map(lambda a: a.reshape((b, v) + a.shape[1:]), out), upd["batch_stats"]
 
 
-def task_loss(task: str, model, params, stats, batch, *, mean, std, temperature):
-  """One task's loss and the BatchNorm statistics after its forward pass."""
+def task_loss(task: str, model, params, stats, batch, *, mean, std, temperature, sim_temperature=None):
+  """One task's loss and the BatchNorm statistics after its forward pass.
+
+  The similarity task reads its own head when the model has one (``head_similarity``,
+  ``model.task_heads=per_task``) and uses ``sim_temperature`` (default: ``temperature``).
+  """
   if task == "ntxent":
     out, stats = _forward_views(model, params, stats, batch["pos"], mean, std)
     return losses.nt_xent(out["head"][:, 0], out["head"][:, 1], temperature), stats
   if task == "similarity":
     out, stats = _forward_views(model, params, stats, batch["neg"], mean, std)
-    return losses.similarity_loss(out["head"], temperature), stats
+    head = out.get("head_similarity", out["head"])
+    return losses.similarity_loss(head, temperature if sim_temperature is None else sim_temperature), stats
   both = jnp.concatenate([batch["pos"], batch["neg"]], axis=0)
   out, stats = _forward_views(model, params, stats, both, mean, std)
   if task == "ntxent_all":
@@ -149,7 +198,8 @@ def task_loss(task: str, model, params, stats, batch, *, mean, std, temperature)
   raise ValueError(f"unknown task {task!r}")
 
 
-def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, std, temperature):
+def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, std, temperature,
+                   sim_temperature=None):
   """Each task's loss and gradient (through its own views only), and the new BN statistics.
 
   Tasks run in the method's order, threading the BatchNorm running statistics through
@@ -158,7 +208,8 @@ def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, s
   stats = batch_stats
   task_losses, grads = [], []
   for task in method.tasks:
-    fn = functools.partial(task_loss, task, model, mean=mean, std=std, temperature=temperature)
+    fn = functools.partial(task_loss, task, model, mean=mean, std=std, temperature=temperature,
+                           sim_temperature=sim_temperature)
     (loss, stats), g = jax.value_and_grad(fn, has_aux=True)(params, stats, batch)
     task_losses.append(loss)
     grads.append(g)
@@ -166,22 +217,24 @@ def task_gradients(params, batch_stats, batch, *, model, method: Method, mean, s
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mean, std,
-               temperature: float) -> tuple[TrainState, dict]:
+               temperature: float, sim_temperature: float | None = None) -> tuple[TrainState, dict]:
   """One optimisation step: per-task gradients -> surgery -> weight decay -> SGD.
 
   A step whose loss or gradients are not finite changes nothing but the counters
   (`bad_streak`, `bad_total`); the loop stops the run after too many in a row.
   """
   task_losses, grads, stats = task_gradients(state.params, state.batch_stats, batch, model=model, method=method,
-                                             mean=mean, std=std, temperature=temperature)
+                                             mean=mean, std=std, temperature=temperature,
+                                             sim_temperature=sim_temperature)
   stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
+  # Each task's gradient norm over every parameter (before any balancing or surgery).
+  task_norms = jnp.sqrt(jnp.maximum(jnp.diagonal(surgery.gram_matrix(stacked)), 0.0))
   updates, opt_state = tx.update(stacked, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   total = sum(task_losses)
   diag = surgery.diagnostics(opt_state)
-  # A NaN or inf anywhere in a task gradient makes its norm non-finite: the surgery's
-  # Gram pass already read every gradient, so no extra pass over them is needed.
-  ok = jnp.isfinite(total) & jnp.all(jnp.isfinite(diag.norm_tasks))
+  # A NaN or inf anywhere in a task gradient makes its norm non-finite.
+  ok = jnp.isfinite(total) & jnp.all(jnp.isfinite(task_norms))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
   # On a skipped step the optimizer's float state (momentum) stays as it was, while its
   # integer state (the schedule's step count, the surgery's PRNG key) moves on with the
@@ -196,8 +249,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mea
       bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
       bad_total=state.bad_total + jnp.where(ok, 0, 1))
   metrics = {"loss": total, "finite": ok}
-  for name, value in zip(method.tasks, task_losses):
+  for i, (name, value) in enumerate(zip(method.tasks, task_losses)):
     metrics[f"loss/{name}"] = value
+    metrics[f"grad_norm/{name}"] = task_norms[i]
   if len(method.tasks) > 1:
     t = len(method.tasks)
     off = ~jnp.eye(t, dtype=bool)
@@ -246,9 +300,45 @@ def embedding_spread(embeddings: np.ndarray) -> float:
   return float(np.mean(np.std(z, axis=0)) * math.sqrt(z.shape[1]))
 
 
-def probe_stats(embeddings: np.ndarray) -> dict[str, float]:
-  """What the collapse monitor logs each epoch for the probe cells' embeddings."""
-  return {"effective_rank": effective_rank(embeddings), "spread": embedding_spread(embeddings)}
+def probe_stats(embeddings: np.ndarray, pooled: np.ndarray | None = None) -> dict[str, float]:
+  """What the collapse monitor logs each epoch for the probe cells.
+
+  ``effective_rank`` and ``spread`` are those of the embedded output (``model.embedding``);
+  ``head_effective_rank`` and ``pooled_effective_rank`` those of the projection head and
+  of the pooled encoder features, whatever is embedded (the head can collapse while the
+  features below it do not).
+  """
+  out = {"effective_rank": effective_rank(embeddings), "spread": embedding_spread(embeddings)}
+  if pooled is not None:
+    out["pooled_effective_rank"] = effective_rank(pooled)
+  return out
+
+
+# A head is called collapsed when its contrastive loss sat within this share of its chance
+# level over the last epoch, or the head's effective rank on the probe cells is below
+# COLLAPSED_HEAD_RANK. Measured on PBC-ERB (probe of 256 cells, head 512): healthy heads
+# have a rank of 20 to 100 (simclr about 70, the untrained encoder about 20); the
+# collapsed two-task heads 2 to 5, with NT-Xent at 0.99-1.00 of ln(2B - 1).
+COLLAPSED_CHANCE_SHARE = 0.98
+COLLAPSED_HEAD_RANK = 8.0
+
+
+def collapse_verdict(ntxent_last_epoch: float | None, chance: float | None, head_rank: float | None,
+                     pooled_rank: float | None = None) -> dict[str, Any]:
+  """``{"collapsed": bool, "reasons": [...], numbers...}`` for ``summary.json`` and the report."""
+  reasons = []
+  ratio = None
+  if ntxent_last_epoch is not None and chance and math.isfinite(chance):
+    ratio = float(ntxent_last_epoch) / chance
+    if ratio >= COLLAPSED_CHANCE_SHARE:
+      reasons.append(f"NT-Xent {ntxent_last_epoch:.3f} over the last epoch is {100 * ratio:.1f} % of its chance "
+                     f"level ln(2B-1) = {chance:.3f} (threshold {100 * COLLAPSED_CHANCE_SHARE:.0f} %)")
+  if head_rank is not None and head_rank < COLLAPSED_HEAD_RANK:
+    reasons.append(f"head effective rank {head_rank:.2f} < {COLLAPSED_HEAD_RANK:g}")
+  return {"collapsed": bool(reasons), "reasons": reasons, "ntxent_last_epoch": ntxent_last_epoch,
+          "ntxent_chance": chance, "ntxent_over_chance": ratio, "head_effective_rank": head_rank,
+          "pooled_effective_rank": pooled_rank, "chance_share_threshold": COLLAPSED_CHANCE_SHARE,
+          "head_rank_threshold": COLLAPSED_HEAD_RANK}
 
 
 def collapse_message(epoch: int, stats: dict) -> str | None:
@@ -258,6 +348,11 @@ def collapse_message(epoch: int, stats: dict) -> str | None:
   return (f"epoch {epoch}: embeddings of the probe cells look collapsed (effective rank "
           f"{stats['effective_rank']:.2f}, spread {stats['spread']:.3f}); check the learning rate and "
           "batch composition")
+
+
+def _collapse_fields(verdict: dict) -> dict:
+  """``collapsed`` at the top level of ``summary.json``, the numbers under ``collapse``."""
+  return {"collapsed": verdict["collapsed"], "collapse": verdict}
 
 
 def _probe_cells(manifest, cfg) -> np.ndarray:
@@ -289,7 +384,7 @@ def run(cfg, workdir: str) -> None:
   `summary.json` (the completion marker) are written last.
   """
   from absl import logging
-  from tqdm import tqdm
+  from slamags_jax.progress import progress
   from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel
   from slamags_jax.errors import UserError
 
@@ -307,12 +402,16 @@ def run(cfg, workdir: str) -> None:
 
   probe_ids = _probe_cells(manifest, cfg)
   probe_images = input_pipeline.center_crops(manifest, cfg, probe_ids) if len(probe_ids) else None
-  embed_fn = embed.make_embed_fn(model, cfg, mesh)
+  probe_fns = {w: embed.make_embed_fn(model, cfg, mesh, which=w) for w in ("head", "pooled")}
 
   def probe(variables) -> dict:
     if probe_images is None or len(probe_images) < 2:
       return {}
-    return probe_stats(embed.embed_array(embed_fn, variables, probe_images, mesh, cfg.embed.batch_size))
+    z = {w: embed.embed_array(fn, variables, probe_images, mesh, cfg.embed.batch_size)
+         for w, fn in probe_fns.items()}
+    out = probe_stats(z[cfg.model.embedding], z["pooled"])
+    out["head_effective_rank"] = effective_rank(z["head"])
+    return out
 
   def collapse_warning(epoch: int, stats: dict) -> None:
     message = collapse_message(epoch, stats)
@@ -331,6 +430,10 @@ def run(cfg, workdir: str) -> None:
           "method": cfg.pretrain.method, "steps": 0, "epochs": 0, "final_loss": None,
           "param_l2": param_l2(state.params), "wall_s": round(time.perf_counter() - t_start, 3),
           "final_effective_rank": p.get("effective_rank"), "final_spread": p.get("spread"),
+          "final_head_effective_rank": p.get("head_effective_rank"),
+          "final_pooled_effective_rank": p.get("pooled_effective_rank"),
+          **_collapse_fields(collapse_verdict(None, None, p.get("head_effective_rank"),
+                                              p.get("pooled_effective_rank"))),
           "conflict_fraction": None, "mean_task_cosine": None, "skipped_steps": 0})
     return
 
@@ -339,6 +442,9 @@ def run(cfg, workdir: str) -> None:
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       multiple_of=n_dev)
   spe, num_steps = data.steps_per_epoch, data.num_steps
+  contrastive = next((t for t in method.tasks if t in ("ntxent", "ntxent_all")), None)
+  chance = {"ntxent": ntxent_chance(data.pos_per_step),
+            "ntxent_all": ntxent_chance(data.pos_per_step + data.neg_per_step)}.get(contrastive)
   tx = make_optimizer(cfg, method, spe)
   schedule = lr_schedule(cfg.pretrain.lr, cfg.pretrain.epochs, cfg.pretrain.warmup_epochs, spe)
   init = functools.partial(create_train_state, model, tx, crop=crop)
@@ -374,7 +480,8 @@ def run(cfg, workdir: str) -> None:
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, method=method, mean=tuple(cfg.data.mean),
-                        std=tuple(cfg.data.std), temperature=cfg.pretrain.temperature),
+                        std=tuple(cfg.data.std), temperature=cfg.pretrain.temperature,
+                        sim_temperature=similarity_temperature(cfg)),
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
       donate_argnums=0, compiler_options=conv.compiler_options())
@@ -382,7 +489,7 @@ def run(cfg, workdir: str) -> None:
   patches = cfg.pretrain.batch_size
   last = {"step": start, "loss": None, "t": time.perf_counter(), "bad_streak": int(state.bad_streak)}
   final_probe: dict = {}
-  bar = tqdm(total=num_steps, initial=start, desc=f"pretrain {cfg.pretrain.method}", unit="step",
+  bar = progress(total=num_steps, initial=start, desc=f"pretrain {cfg.pretrain.method}", unit="step",
              disable=not writer)
 
   def handle(step: int, metrics: dict) -> None:
@@ -399,6 +506,8 @@ def run(cfg, workdir: str) -> None:
     rec = {"kind": "step", "step": step, "epoch": (step - 1) // spe, "lr": float(schedule(step - 1)),
            "images_per_s": round(patches / dt, 2), "wall_s": round(wall_before + now - t_start, 3),
            "skipped": int(not finite), **{k: v for k, v in m.items()}}
+    if contrastive is not None:
+      rec[f"chance/{contrastive}"] = chance
     if writer and (step % cfg.pretrain.log_every_steps == 0 or not finite or step == num_steps):
       fileio.append_jsonl(metrics_path, rec)
     bar.update(1)
@@ -452,12 +561,22 @@ def run(cfg, workdir: str) -> None:
   if writer:
     steps = [r for r in fileio.read_jsonl(metrics_path) if r.get("kind") == "step" and not r.get("skipped")]
     cos = [r["surgery/cosine"] for r in steps if "surgery/cosine" in r]
+    last_epoch = [r[f"loss/{contrastive}"] for r in steps
+                  if contrastive and r["epoch"] == (num_steps - 1) // spe and f"loss/{contrastive}" in r]
+    verdict = collapse_verdict(float(np.mean(last_epoch)) if last_epoch else None, chance,
+                               final_probe.get("head_effective_rank"), final_probe.get("pooled_effective_rank"))
+    if verdict["collapsed"]:
+      logging.warning("pretraining ended collapsed: %s (see pretrain/summary.json, 'collapse')",
+                      "; ".join(verdict["reasons"]))
     fileio.write_json(os.path.join(out_dir, "summary.json"), {
         "method": cfg.pretrain.method, "steps": int(state.step), "epochs": cfg.pretrain.epochs,
         "steps_per_epoch": spe, "pos_per_step": data.pos_per_step, "neg_per_step": data.neg_per_step,
         "final_loss": steps[-1]["loss"] if steps else None, "param_l2": param_l2(state.params),
         "wall_s": round(wall_before + time.perf_counter() - t_start, 3),
         "final_effective_rank": final_probe.get("effective_rank"), "final_spread": final_probe.get("spread"),
+        "final_head_effective_rank": final_probe.get("head_effective_rank"),
+        "final_pooled_effective_rank": final_probe.get("pooled_effective_rank"),
+        **_collapse_fields(verdict),
         "conflict_fraction": float(np.mean([c < 0 for c in cos])) if cos else None,
         "mean_task_cosine": float(np.mean(cos)) if cos else None,
         "skipped_steps": int(state.bad_total), "devices": n_dev})

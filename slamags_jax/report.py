@@ -433,6 +433,14 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
 
 
+def _collapse_cell(s: dict[str, Any]) -> str:
+  if s.get("collapsed") is None:
+    return "n/a"
+  if not s["collapsed"]:
+    return "no"
+  return "**yes**: " + "; ".join((s.get("collapse") or {}).get("reasons", []))
+
+
 def markdown(s: dict[str, Any], per_bag: Sequence[dict[str, Any]], pictures: dict[str, str]) -> str:
   """The human-readable report (``s`` = the summary dict)."""
   k = s["topk_k"]
@@ -454,8 +462,11 @@ def markdown(s: dict[str, Any], per_bag: Sequence[dict[str, Any]], pictures: dic
             ["K (top-K retrieval)", k],
             ["pretraining wall time (s)", _fmt(s.get("pretrain_wall_s"), 1)],
             ["final effective rank of embeddings", _fmt(s.get("final_effective_rank"), 2)],
+            ["effective rank of the head / pooled features",
+             f"{_fmt(s.get('final_head_effective_rank'), 2)} / {_fmt(s.get('final_pooled_effective_rank'), 2)}"],
             ["mean task-gradient cosine / conflict fraction",
              f"{_fmt(s.get('mean_task_cosine'))} / {_fmt(s.get('conflict_fraction'))}"],
+            ["pretraining collapsed", _collapse_cell(s)],
         ]),
         "## Bag classification (test)\n",
         _md_table(["F1 (abnormal)", "ROC-AUC", "accuracy", "test bags"],
@@ -473,6 +484,11 @@ def markdown(s: dict[str, Any], per_bag: Sequence[dict[str, Any]], pictures: dic
             ["random ranking", _fmt(s.get("random_topk_found_mean"), 2), _fmt(s.get("random_recall_at_k_mean")),
              f"≈ {_fmt(s.get('random_ap_mean'))} (witness fraction)"],
         ])]
+  if s.get("collapsed"):
+    md.insert(1, "> **Pretraining collapsed** (" + "; ".join(s["collapse"].get("reasons", [])) + "): the "
+              "embeddings carry little information, so the numbers below are close to what an "
+              "untrained encoder gives. See `pretrain/summary.json` (`collapse`) and the README's "
+              "methods section for settings that avoid it.\n")
   if s.get("retrieval_ap_mean_normal_branch") is not None:
     md.append(f"Diagnostic (PAMIL): AP of the *normal-class* attention branch = "
               f"{_fmt(s['retrieval_ap_mean_normal_branch'])}. PAMIL's per-class attention is not tied to "
@@ -574,7 +590,18 @@ def run(cfg: Any, workdir: str) -> None:
   if any("average_precision_normal_branch" in r for r in per_bag):
     summary["retrieval_ap_mean_normal_branch"] = metrics.nanmean(
         [r.get("average_precision_normal_branch", float("nan")) for r in per_bag])
-  for key in ("final_effective_rank", "conflict_fraction", "mean_task_cosine"):
+  # Validation bags, for model and setting selection (benchmark "Selection"): the same
+  # metrics on the bags the MIL model was selected on; never the test bags.
+  val = [b for b in predictions if b["split"] == "val"]
+  if val:
+    ev_val = evaluate(val, k)
+    summary.update({"val_bag_auc": ev_val["bag"]["auc"], "val_bag_f1": ev_val["bag"]["f1"],
+                    "val_topk_found_mean": ev_val["retrieval"]["topk_found_mean"],
+                    "val_recall_at_k_mean": ev_val["retrieval"]["recall_at_k_mean"],
+                    "val_retrieval_ap_mean": ev_val["retrieval"]["average_precision_mean"],
+                    "n_val_bags": len(val)})
+  for key in ("final_effective_rank", "final_head_effective_rank", "final_pooled_effective_rank",
+              "conflict_fraction", "mean_task_cosine", "collapsed", "collapse"):
     if pre.get(key) is not None:
       summary[key] = pre[key]
   if pre.get("wall_s") is not None:

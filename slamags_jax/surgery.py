@@ -112,6 +112,8 @@ __all__ = [
     "SurgeryDiagnostics",
     "SurgeryState",
     "adaptive_gradient_surgery",
+    "all_diagnostics",
+    "balance_task_norms",
     "diagnostics",
     "gram_matrix",
     "mean_tasks",
@@ -241,6 +243,58 @@ def sum_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
 def mean_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
   """Plain mean over the task axis."""
   return _transform("mean", num_tasks, 0, 0.0, 0.0)
+
+
+def balance_task_norms(num_tasks: int = 2, *, eps: float = 1e-12) -> optax.GradientTransformation:
+  """Rescales each task's gradient to the mean of the task-gradient norms (stacked in and out).
+
+  ``g_i <- g_i * mean_k ||g_k|| / max(||g_i||, eps)`` over the whole pytree (a zero
+  gradient stays zero). It keeps the task axis, so it goes *before* a combining
+  transform: with very unequal norms the larger task decides the direction of the sum
+  and of AGS's rescale target; balanced, each task gets the same say while the total
+  scale (the mean norm) stays that of the inputs. A gradient-level analogue of task
+  weights that needs no tuning (GradNorm-style balancing without the learned weights).
+
+  >>> import jax.numpy as jnp, optax
+  >>> from slamags_jax import surgery
+  >>> g = {"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])}  # stacked: task norms 5 and 1
+  >>> balanced, _ = surgery.balance_task_norms().update(g, None)
+  >>> [round(float(x), 4) for x in jnp.linalg.norm(balanced["w"], axis=1)]
+  [3.0, 3.0]
+  >>> tx = optax.chain(surgery.balance_task_norms(), surgery.adaptive_gradient_surgery())
+  >>> params = {"w": jnp.zeros(2)}
+  >>> update, _ = tx.update(g, tx.init(params), params)
+  >>> update["w"].shape
+  (2,)
+  """
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    raise ValueError(f"balance_task_norms: num_tasks must be an int >= 1, got {num_tasks!r}")
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_task_axis(updates, num_tasks, "balance_task_norms")
+    gram = gram_matrix(updates)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    target = jnp.mean(norms)
+    scale = jnp.where(norms > 0, target / jnp.maximum(norms, eps), 0.0)
+
+    def one(leaf):
+      dtype = jnp.promote_types(leaf.dtype, scale.dtype)
+      s = scale.astype(dtype).reshape((num_tasks,) + (1,) * (leaf.ndim - 1))
+      return (leaf.astype(dtype) * s).astype(leaf.dtype)
+    return jax.tree_util.tree_map(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def all_diagnostics(opt_state: Any) -> list[SurgeryDiagnostics]:
+  """The diagnostics of every surgery state in ``opt_state``, in tree order.
+
+  More than one when the surgery runs per parameter group, e.g. AGS on the shared
+  encoder and ``sum_tasks`` on task-specific heads inside ``optax.multi_transform``.
+  """
+  found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, SurgeryState))
+  return [item.diagnostics for item in found if isinstance(item, SurgeryState)]
 
 
 def diagnostics(opt_state: Any) -> SurgeryDiagnostics:

@@ -113,7 +113,7 @@ def test_load_image_shape_dtype_and_modes(tmp_path):
 
 def test_sample_data_is_intact_and_attributed():
   got = data.discover(SAMPLE, ["lymphocyte", "neutrophil", "erythroblast"])
-  assert {c: len(p) for c, p in got.items()} == {"lymphocyte": 100, "neutrophil": 100, "erythroblast": 100}
+  assert {c: len(p) for c, p in got.items()} == {"lymphocyte": 300, "neutrophil": 300, "erythroblast": 300}
   sums = {}
   with open(os.path.join(SAMPLE, "SHA256SUMS")) as f:
     for line in f:

@@ -113,7 +113,7 @@ def test_workdir_made_with_other_settings(bags_workdir):
   work = bags_workdir
   before = _tree(work)
   line = _assert_one_error(_cli(DEMO, f"--workdir={work}", "--config.stages=bags", "--config.bags.n_train=20"),
-                           "stage 'bags'", "bags.n_train=16, now 20", "new --workdir")
+                           "stage 'bags'", "bags.n_train=60, now 20", "new --workdir")
   assert os.path.join(str(work), "bags") in line
   assert _tree(work) == before  # config.json not rewritten, manifest untouched
   # Settings that change how a run goes, not what it makes, are fine; the stage is skipped.
@@ -130,7 +130,7 @@ def test_pretraining_checkpoints_made_with_other_settings(bags_workdir):
   os.makedirs(work / "pretrain" / "checkpoints" / "4")
   before = _tree(work)
   _assert_one_error(_cli(DEMO, f"--workdir={work}", "--config.stages=bags,pretrain", "--config.pretrain.lr=0.01"),
-                    "stage 'pretrain'", "has checkpoints", "pretrain.lr=0.001, now 0.01")
+                    "stage 'pretrain'", "has checkpoints", "pretrain.lr=0.003, now 0.01")
   assert _tree(work) == before
   # An orbax temporary folder alone is no checkpoint: nothing to continue, nothing to refuse.
   os.rename(work / "pretrain" / "checkpoints" / "4", work / "pretrain" / "checkpoints" / "4.orbax-checkpoint-tmp-1")

@@ -234,3 +234,68 @@ def test_collapse_monitor_statistics():
   collapsed = np.outer(np.ones(64), rng.standard_normal(16)) + 1e-6 * rng.standard_normal((64, 16))
   assert pretrain.effective_rank(collapsed) < 1.1
   assert pretrain.embedding_spread(collapsed) < 1e-3
+
+
+def test_collapse_verdict_and_chance_level():
+  chance = pretrain.ntxent_chance(32)
+  assert chance == pytest.approx(np.log(63))
+  z = jnp.ones((32, 8))  # every embedding identical: NT-Xent sits exactly at its chance level
+  assert float(losses.nt_xent(z, z, 0.07)) == pytest.approx(chance, rel=1e-6)
+  flat = pretrain.collapse_verdict(0.995 * chance, chance, head_rank=30.0, pooled_rank=40.0)
+  assert flat["collapsed"] and "NT-Xent" in flat["reasons"][0] and len(flat["reasons"]) == 1
+  low_rank = pretrain.collapse_verdict(0.5 * chance, chance, head_rank=3.0)
+  assert low_rank["collapsed"] and "effective rank" in low_rank["reasons"][0]
+  healthy = pretrain.collapse_verdict(0.7 * chance, chance, head_rank=25.0)
+  assert not healthy["collapsed"] and healthy["ntxent_over_chance"] == pytest.approx(0.7)
+  assert not pretrain.collapse_verdict(None, None, head_rank=None)["collapsed"]
+
+
+def _options_cfg(cfg, **kw):
+  for key, value in kw.items():
+    group, name = key.split("__")
+    cfg[group][name] = value
+  return cfg
+
+
+def test_similarity_temperature_scales_only_the_similarity_loss(slam):
+  state = slam.state(0)
+  batch = _batch(4)
+  run = lambda task, t: jax.jit(functools.partial(  # noqa: E731  (forward passes only)
+      pretrain.task_loss, task, slam.model, mean=MEAN, std=STD, temperature=0.07,
+      sim_temperature=t))(state.params, state.batch_stats, batch)[0]
+  base, weak = run("similarity", None), run("similarity", 0.7)
+  assert float(weak) == pytest.approx(0.1 * float(base), rel=1e-5)  # (1 - mean cos) / t
+  cfg = config_lib.get_base_config()
+  assert pretrain.similarity_temperature(cfg) == cfg.pretrain.temperature  # -1: the authors' shared one
+  cfg.pretrain.similarity_temperature = 1.0
+  assert pretrain.similarity_temperature(cfg) == 1.0
+
+
+def test_per_task_heads_with_shared_scope_surgery():
+  """Per-task heads: each head gets only its task's gradient; scope=shared runs AGS on the
+  encoder alone and passes the heads' gradients through (checked against a manual update)."""
+  cfg = _options_cfg(_cfg("slam_ags"), model__task_heads="per_task", pretrain__surgery_scope="shared")
+  method = pretrain.METHODS["slam_ags"]
+  model = models.from_config(cfg)
+  tx = pretrain.make_optimizer(cfg, method, steps_per_epoch=10)
+  state = pretrain.create_train_state(model, tx, jax.random.key(0), SIZE)
+  assert {"head_fc1", "sim_head_fc1", "sim_head_fc2", "encoder"} <= set(state.params)
+  batch = _batch(5)
+  _, grads, _ = jax.jit(functools.partial(pretrain.task_gradients, model=model, method=method, mean=MEAN,
+                                          std=STD, temperature=0.07))(state.params, state.batch_stats, batch)
+  g_nt, g_sim = grads
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree_util.tree_leaves(g_sim["head_fc2"]))
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree_util.tree_leaves(g_nt["sim_head_fc2"]))
+  step = jax.jit(functools.partial(pretrain.train_step, model=model, tx=tx, method=method, mean=MEAN, std=STD,
+                                   temperature=0.07))
+  new, metrics = step(state, batch)
+  assert bool(metrics["finite"]) and float(metrics["grad_norm/ntxent"]) > 0
+  enc = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), g_nt["encoder"], g_sim["encoder"])
+  ags = surgery.adaptive_gradient_surgery(num_tasks=2)
+  combined_enc, _ = ags.update(enc, ags.init(state.params["encoder"]))
+  combined = {k: (combined_enc if k == "encoder" else jax.tree_util.tree_map(jnp.add, g_nt[k], g_sim[k]))
+              for k in state.params}
+  expected = _first_sgd_update(state, combined, cfg)
+  for p, a, e in zip(*(jax.tree_util.tree_leaves(t) for t in (state.params, new.params, expected))):
+    delta, want = np.asarray(a) - np.asarray(p), np.asarray(e) - np.asarray(p)
+    np.testing.assert_allclose(delta, want, rtol=2e-4, atol=1e-6 * float(np.max(np.abs(want)) + 1e-12))

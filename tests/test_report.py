@@ -163,6 +163,24 @@ def test_report_outputs(workdir):
   for link in ("(topk_gallery.png)", "(attention_hist.png)", "(pretrain_loss.png)", "(roc.png)"):
     assert link in md
   assert "test-001" in md and "## Positive test bags" in md
+  # Validation-bag metrics (for selection) and the collapse verdict (absent in this summary: n/a).
+  assert s["n_val_bags"] == N_VAL and 0.0 <= s["val_bag_auc"] <= 1.0 and 0.0 <= s["val_recall_at_k_mean"] <= 1.0
+  assert "collapsed" not in s and "Pretraining collapsed**" not in md
+
+
+def test_report_says_when_pretraining_collapsed(workdir, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(workdir, wd)
+  pre = os.path.join(wd, "pretrain", "summary.json")
+  s = fileio.read_json(pre)
+  verdict = {"collapsed": True, "reasons": ["NT-Xent 4.140 over the last epoch is 99.9 % of its chance level"],
+             "head_effective_rank": 3.9}
+  fileio.write_json(pre, {**s, "collapsed": True, "collapse": verdict, "final_head_effective_rank": 3.9})
+  report.run(_cfg(), wd)
+  out = fileio.read_json(os.path.join(wd, "report", "summary.json"))
+  assert out["collapsed"] is True and out["collapse"]["head_effective_rank"] == 3.9
+  md = open(os.path.join(wd, "report", "report.md"), encoding="utf-8").read()
+  assert "**Pretraining collapsed** (NT-Xent 4.140" in md and "| pretraining collapsed | **yes**" in md
 
 
 def test_report_random_method_without_curve_and_k_beyond_bag(workdir, tmp_path):

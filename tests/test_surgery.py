@@ -484,3 +484,60 @@ def test_sharded_leaves_match_unsharded():
 def test_module_docstring_example_runs():
   failures, tried = doctest.testmod(surgery, verbose=False, report=True)
   assert tried > 5 and failures == 0
+
+
+# ----------------------------------------------------------------------------- balance_task_norms
+
+def ref_balance(grads):
+  """Plain float64 reference: each task's flat gradient scaled to the mean task norm."""
+  g = np.asarray(grads, np.float64)
+  norms = np.linalg.norm(g, axis=1)
+  target = norms.mean()
+  return np.stack([gi * (target / n if n > 0 else 0.0) for gi, n in zip(g, norms)])
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_balance_task_norms_matches_float64_reference(num_tasks):
+  g = make_grads(num_tasks, "conflict", seed=5)
+  g = np.asarray(g, np.float32).astype(np.float64)
+  g[0] *= 40.0  # very unequal norms
+  out, _ = run(surgery.balance_task_norms(num_tasks=num_tasks), to_tree(g))
+  got = flat_tasks(out)
+  want = ref_balance(np.asarray(g, np.float32))
+  assert rel_err(got, want) < 1e-6
+  norms = np.linalg.norm(got, axis=1)
+  np.testing.assert_allclose(norms, norms.mean(), rtol=1e-5)
+
+
+def test_balance_task_norms_keeps_zero_task_zero_and_chains_before_ags():
+  g = make_grads(2, "conflict", seed=6)
+  g = np.asarray(g, np.float32).astype(np.float64)
+  zero = g.copy()
+  zero[1] = 0.0
+  out, _ = run(surgery.balance_task_norms(), to_tree(zero))
+  assert np.all(flat_tasks(out)[1] == 0.0) and np.all(np.isfinite(flat_tasks(out)))
+  tx = optax.chain(surgery.balance_task_norms(), surgery.adaptive_gradient_surgery())
+  chained, _ = run(tx, to_tree(g))
+  balanced = ref_balance(np.asarray(g, np.float32))
+  want = ref_surgery(balanced)
+  assert rel_err(flat(chained), want) < 1e-5
+
+
+def test_all_diagnostics_finds_every_partition():
+  params = params_like()
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  labels = jax.tree_util.tree_unflatten(treedef, ["b"] + ["a"] * (len(leaves) - 1))
+  tx = optax.multi_transform({"a": surgery.adaptive_gradient_surgery(), "b": surgery.sum_tasks()}, labels)
+  g = make_grads(2, "conflict", seed=7)
+  _, state = run(tx, to_tree(np.asarray(g, np.float32)), params)
+  assert len(surgery.all_diagnostics(state)) == 2
+  first = surgery.diagnostics(state)
+  assert np.array_equal(first.norm_tasks, surgery.all_diagnostics(state)[0].norm_tasks)
+
+
+def test_balance_task_norms_docstring_example_runs():
+  finder = doctest.DocTestFinder()
+  runner = doctest.DocTestRunner()
+  for t in finder.find(surgery.balance_task_norms, "balance_task_norms", globs={}):
+    runner.run(t)
+  assert runner.failures == 0 and runner.tries > 0
