@@ -182,10 +182,15 @@ def run(cfg, workdir: str) -> None:
   report_md = os.path.join(workdir, "report", "report.md")
   if _complete(workdir, "report") and os.path.exists(report_md):
     summary = fileio.read_json(os.path.join(workdir, MARKERS["report"]))
-    logging.info("done: test bag ROC-AUC %.3f, recall@%d %.3f (a random ranking: %.3f); the report is %s",
-                 summary.get("bag_auc", float("nan")), summary.get("topk_k", 0),
-                 summary.get("recall_at_k_mean", float("nan")), summary.get("random_recall_at_k_mean", float("nan")),
-                 os.path.relpath(report_md) if not os.path.relpath(report_md).startswith("..") else report_md)
+    num = lambda key: float("nan") if summary.get(key) is None else summary[key]  # noqa: E731  (JSON null = NaN)
+    shown = os.path.relpath(report_md) if not os.path.relpath(report_md).startswith("..") else report_md
+    if summary.get("source") == "slides":
+      logging.info("done: test slides accuracy %.3f, macro F1 %.3f, macro ROC-AUC %.3f; the report is %s",
+                   num("bag_accuracy"), num("macro_f1"), num("macro_auc"), shown)
+    else:
+      logging.info("done: test bag ROC-AUC %.3f, recall@%d %.3f (a random ranking: %.3f); the report is %s",
+                   num("bag_auc"), summary.get("topk_k", 0), num("recall_at_k_mean"), num("random_recall_at_k_mean"),
+                   shown)
   else:
     logging.info("done: %s", workdir)
 
