@@ -150,8 +150,9 @@ def data_fingerprint(root: str) -> str:
 def settings_of(cfg: Any) -> dict[str, Any]:
   """Every result-affecting config value except the per-run ones, plus the data identity."""
   out: dict[str, Any] = {}
+  inactive = config_lib.inactive_keys(cfg)  # keys of the other bag source: hashes stay as they were
   for key, value in sorted(config_lib.flatten(cfg).items()):
-    if key in main_lib.OPERATIONAL or key in PER_RUN_KEYS or key == "data.root":  # how, not what
+    if key in main_lib.OPERATIONAL or key in PER_RUN_KEYS or key == "data.root" or key in inactive:  # how, not what
       continue
     out[key] = list(value) if isinstance(value, tuple) else value
   out["data.fingerprint"] = data_fingerprint(cfg.data.root)

@@ -1,310 +1,62 @@
-"""Bag simulation and the ``bags`` stage: real cells, simulated slides.
+"""The ``bags`` stage: one manifest of cells and bags, written from a bag source.
 
-The benchmark protocol (docs: PBC-ERB) turns a cell folder into bags:
+A bag source turns the data into cells (relative image paths under ``root``) and bags
+(lists of cell ids with a split and a label). Two sources, one module each, behind one
+small interface (``check(cfg)``: what can be refused before any work; ``build(cfg,
+workdir)``: the manifest's content):
 
-1. Cell-level split, per class, fixed by the data seed: ``bags.train_fraction`` of each
-   class's cells form the train pool, the rest the test pool. No cell is in both pools,
-   so no test bag ever shares a cell image with a training bag.
-2. From each pool, n/2 negative bags of ``bag_size`` normal cells and n/2 positive bags of
-   k abnormal + (bag_size - k) normal cells, with k = max(1, round(bag_size x witness
-   rate)) (round half up). Abnormal cells go only into positive bags; normal cells into
-   both. Cells are distinct within a bag.
-3. ``bags.val_fraction`` of the training bags (stratified by label) become validation
-   bags for MIL model selection (this project's choice; the reference selects on training
-   accuracy).
+- ``bags.source=simulated`` (``slamags_jax.bags_simulated``): the benchmark's bags drawn
+  from cell-class folders (PBC-ERB);
+- ``bags.source=slides`` (``slamags_jax.bags_slides``): a user's slides, one folder of
+  single-cell images per slide, labelled by a CSV, split by the CSV or by patient-level
+  folds.
 
-Reuse (where this project differs on purpose): the reference draws cells without reuse
-across bags. Here each pool is consumed without replacement while it lasts; when it runs
-out and ``bags.allow_reuse`` is true, drawing continues through a fresh shuffle of the
-pool (still distinct within a bag, never across pools), and the manifest and log report
-how many cells were used more than once. With reuse disallowed, running out is an error.
-
-The stage writes ``<workdir>/bags/manifest.json`` atomically and last (it is the stage's
-completion marker). Every random choice comes from ``config.data_seed(cfg)`` through
-keyed ``np.random.default_rng([seed, stream, ...])`` generators, so the same seed gives
-the same manifest byte for byte, and a class's train/test split does not depend on which
-other classes are selected.
+Every later stage reads only the manifest, through the accessors below: a bag's
+``label`` is its class index (0/1 for simulated bags; the index into ``labels`` for
+slides) and ``positive`` says whether SLAM pretraining treats it as positive (not
+normal). The stage writes ``<workdir>/bags/manifest.json`` atomically and last (it is
+the stage's completion marker).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
 
-from slamags_jax import config as config_lib
-from slamags_jax import data as data_lib
 from slamags_jax import fileio
 from slamags_jax.errors import UserError
+# The simulation's functions stay importable from here (other modules and tests use them).
+from slamags_jax.bags_simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401  pylint: disable=unused-import
 
 FORMAT = "slamags-bags/1"
 MANIFEST = os.path.join("bags", "manifest.json")
 SPLITS = ("train", "val", "test")
-
-# Random streams (first words of the keyed seeds).
-_SPLIT, _DRAW, _VAL, _ORDER = 1, 2, 3, 4
+SOURCES = ("simulated", "slides")
 
 
-def _name_key(name: str) -> int:
-  return zlib.crc32(name.encode("utf-8"))
+def source_module(cfg: Any):
+  """The module of the bag source named by ``bags.source``."""
+  source = cfg.bags.source
+  if source == "simulated":
+    from slamags_jax import bags_simulated  # pylint: disable=g-import-not-at-top
+    return bags_simulated
+  if source == "slides":
+    from slamags_jax import bags_slides  # pylint: disable=g-import-not-at-top
+    return bags_slides
+  raise UserError(f"config key 'bags.source' must be one of {', '.join(SOURCES)}, got {source!r}")
 
 
-def witnesses_per_bag(bag_size: int, witness_rate: float) -> int:
-  """k = max(1, round(bag_size x witness_rate)), rounding halves up.
-
-  Raises ``UserError`` for a witness rate outside (0, 1] or a bag size below 1.
-  """
-  if isinstance(witness_rate, bool) or not isinstance(witness_rate, (int, float)) or not math.isfinite(witness_rate):
-    raise UserError(f"bags.witness_rate must be a number in (0, 1], got {witness_rate!r}")
-  if not 0.0 < witness_rate <= 1.0:
-    raise UserError(f"bags.witness_rate must be in (0, 1] (share of abnormal cells in a positive bag), got {witness_rate}")
-  if isinstance(bag_size, bool) or not isinstance(bag_size, int) or bag_size < 1:
-    raise UserError(f"bags.bag_size must be an integer >= 1, got {bag_size!r}")
-  # The 1e-9 absorbs float noise such as 200 * 0.005 = 1.0000000000000002.
-  return max(1, min(bag_size, int(math.floor(bag_size * witness_rate + 0.5 + 1e-9))))
-
-
-def split_class(paths: Sequence[str], train_fraction: float, seed: int, class_name: str) -> tuple[list[str], list[str]]:
-  """(train, test) cells of one class: a seeded shuffle cut at round(n x train_fraction).
-
-  Both parts get at least one cell when the class has two or more.
-  """
-  n = len(paths)
-  rng = np.random.default_rng([seed, _SPLIT, _name_key(class_name)])
-  order = rng.permutation(n)
-  n_train = int(math.floor(n * train_fraction + 0.5))
-  if n >= 2:
-    n_train = min(max(n_train, 1), n - 1)
-  train = sorted(paths[i] for i in order[:n_train])
-  test = sorted(paths[i] for i in order[n_train:])
-  return train, test
-
-
-class _Cycler:
-  """Draws cells from a pool without replacement; optionally reshuffles when it runs out."""
-
-  def __init__(self, pool: np.ndarray, rng: np.random.Generator, allow_reuse: bool, what: str):
-    self.pool = pool
-    self.rng = rng
-    self.allow_reuse = allow_reuse
-    self.what = what
-    self.order = rng.permutation(pool)
-    self.pos = 0
-    self.cycles = 1
-
-  def take(self, m: int) -> np.ndarray:
-    """``m`` distinct cells."""
-    if m > len(self.pool):
-      raise UserError(f"a bag needs {m} distinct {self.what} but the pool has only {len(self.pool)}")
-    got = self.order[self.pos:self.pos + m]
-    self.pos += len(got)
-    if len(got) == m:
-      return got
-    if not self.allow_reuse:
-      raise UserError(
-          f"not enough {self.what}: the bags need more than the {len(self.pool)} in the pool "
-          "(set bags.allow_reuse=True, or use fewer or smaller bags, or a larger bags.train_fraction)"
-      )
-    # A fresh cycle; cells already in this bag go to the back so the bag stays distinct.
-    fresh = self.rng.permutation(self.pool)
-    clash = np.isin(fresh, got)
-    self.order = np.concatenate([fresh[~clash], fresh[clash]])
-    self.cycles += 1
-    rest = m - len(got)
-    self.pos = rest
-    return np.concatenate([got, self.order[:rest]])
-
-
-def _reuse_stats(bags: Iterable[Sequence[int]], pool_size: int) -> dict[str, int]:
-  counts: dict[int, int] = {}
-  for cells in bags:
-    for c in cells:
-      counts[c] = counts.get(c, 0) + 1
-  uses = np.fromiter(counts.values(), np.int64, len(counts))
-  return {
-      "pool_cells": int(pool_size),
-      "distinct_used": int(len(counts)),
-      "slots": int(uses.sum()) if len(uses) else 0,
-      "reused_cells": int((uses > 1).sum()),
-      "max_uses": int(uses.max()) if len(uses) else 0,
-  }
-
-
-def simulate(
-    cells_by_class: Mapping[str, Sequence[str]],
-    normal_classes: Sequence[str],
-    abnormal_classes: Sequence[str],
-    *,
-    bag_size: int,
-    witness_rate: float,
-    n_train: int,
-    n_test: int,
-    train_fraction: float,
-    val_fraction: float,
-    allow_reuse: bool,
-    seed: int,
-) -> dict[str, Any]:
-  """The bag logic, without images: returns the manifest's "cells", "bags", "reuse".
-
-  ``cells_by_class`` maps each class to the relative paths of its (readable) cells.
-  Raises ``UserError`` for impossible settings: a witness rate outside (0, 1], an odd or
-  too small bag count, a bag larger than its pool, too few abnormal cells without reuse.
-  """
-  k = witnesses_per_bag(bag_size, witness_rate)
-  for key, n in (("bags.n_train", n_train), ("bags.n_test", n_test)):
-    if n < 2 or n % 2:
-      raise UserError(f"{key} must be an even number >= 2 (half negative, half positive bags), got {n}")
-  if not 0.0 < train_fraction < 1.0:
-    raise UserError(f"bags.train_fraction must be in (0, 1), got {train_fraction}")
-  if not 0.0 <= val_fraction < 1.0:
-    raise UserError(f"bags.val_fraction must be in [0, 1), got {val_fraction}")
-  overlap = set(normal_classes) & set(abnormal_classes)
-  if overlap:
-    raise UserError(f"class {sorted(overlap)[0]!r} is both normal and abnormal")
-  if not normal_classes or not abnormal_classes:
-    raise UserError("at least one normal and one abnormal class are needed")
-  for c in list(normal_classes) + list(abnormal_classes):
-    if c not in cells_by_class or not cells_by_class[c]:
-      raise UserError(f"class {c!r} has no readable images")
-
-  # 1. Cell-level split per class; ids over all pool cells in (path) order.
-  entries = []
-  for c in sorted(set(normal_classes) | set(abnormal_classes)):
-    label = 1 if c in abnormal_classes else 0
-    train, test = split_class(list(cells_by_class[c]), train_fraction, seed, c)
-    entries += [(p, c, label, "train") for p in train] + [(p, c, label, "test") for p in test]
-  entries.sort(key=lambda e: e[0])
-  if len({e[0] for e in entries}) != len(entries):
-    raise UserError("a cell path appears in two classes")
-  cells = [{"id": i, "path": p, "class": c, "label": lab, "pool": pool} for i, (p, c, lab, pool) in enumerate(entries)]
-  ids = np.arange(len(cells))
-  labels = np.array([c["label"] for c in cells], np.int64)
-  pools = np.array([c["pool"] for c in cells])
-
-  # 2. Bags per pool.
-  bags: list[dict[str, Any]] = []
-  reuse: dict[str, Any] = {}
-  for pool_idx, (pool, n_bags) in enumerate((("train", n_train), ("test", n_test))):
-    normal = ids[(pools == pool) & (labels == 0)]
-    abnormal = ids[(pools == pool) & (labels == 1)]
-    n_half = n_bags // 2
-    if bag_size > len(normal):
-      raise UserError(
-          f"bag larger than the pool: a negative bag needs {bag_size} distinct normal cells "
-          f"but the {pool} pool has {len(normal)} (lower bags.bag_size, or raise bags.train_fraction)"
-      )
-    if k > len(abnormal):
-      raise UserError(
-          f"fewer abnormal cells than needed: a positive bag needs k={k} but the {pool} pool "
-          f"has {len(abnormal)} abnormal cells"
-      )
-    need_abn = n_half * k
-    if need_abn > len(abnormal) and not allow_reuse:
-      raise UserError(
-          f"fewer abnormal cells than needed: {n_half} positive {pool} bags x k={k} need "
-          f"{need_abn} distinct abnormal cells but the {pool} pool has {len(abnormal)} "
-          "(set bags.allow_reuse=True, lower bags.witness_rate or the bag count)"
-      )
-    need_norm = n_half * bag_size + n_half * (bag_size - k)
-    if need_norm > len(normal) and not allow_reuse:
-      raise UserError(
-          f"not enough normal cells: the {pool} bags need {need_norm} distinct normal cells "
-          f"but the {pool} pool has {len(normal)} (set bags.allow_reuse=True, or use fewer "
-          "or smaller bags)"
-      )
-    rng = np.random.default_rng([seed, _DRAW, pool_idx])
-    norm_cyc = _Cycler(normal, rng, allow_reuse, f"normal cells in the {pool} pool")
-    abn_cyc = _Cycler(abnormal, rng, allow_reuse, f"abnormal cells in the {pool} pool")
-    drawn = []
-    for _ in range(n_half):  # alternate negative / positive so any reuse is spread evenly
-      neg = norm_cyc.take(bag_size)
-      drawn.append((0, 0, rng.permutation(neg)))
-      pos = np.concatenate([abn_cyc.take(k), norm_cyc.take(bag_size - k)])
-      drawn.append((1, k, rng.permutation(pos)))
-    # Listing order shuffled so that a bag's id says nothing about its label.
-    order = np.random.default_rng([seed, _ORDER, pool_idx]).permutation(len(drawn))
-    drawn = [drawn[i] for i in order]
-    splits = [pool] * len(drawn)
-    if pool == "train" and val_fraction > 0:
-      vrng = np.random.default_rng([seed, _VAL])
-      for lab in (0, 1):
-        members = [i for i, d in enumerate(drawn) if d[0] == lab]
-        n_val = int(math.floor(len(members) * val_fraction + 0.5))
-        if len(members) >= 2:
-          n_val = min(max(n_val, 1), len(members) - 1)
-        for i in vrng.choice(members, size=n_val, replace=False):
-          splits[int(i)] = "val"
-    counters = {s: 0 for s in SPLITS}
-    for (lab, kk, members), split in zip(drawn, splits):
-      bags.append({
-          "id": f"{split}-{counters[split]:03d}",
-          "split": split,
-          "label": int(lab),
-          "k": int(kk),
-          "cells": [int(x) for x in members],
-      })
-      counters[split] += 1
-    pool_bags = [d[2] for d in drawn]
-    reuse[pool] = {
-        "normal": _reuse_stats(
-            [[int(x) for x in b if labels[x] == 0] for b in pool_bags], len(normal)),
-        "abnormal": _reuse_stats(
-            [[int(x) for x in b if labels[x] == 1] for b in pool_bags], len(abnormal)),
-    }
-    reuse[pool]["normal"]["cycles"] = norm_cyc.cycles
-    reuse[pool]["abnormal"]["cycles"] = abn_cyc.cycles
-  return {"cells": cells, "bags": bags, "reuse": reuse, "k": k}
-
-
-def settings_from_config(cfg: Any) -> dict[str, Any]:
-  """The bags.* and data class settings that shape the manifest."""
-  return {
-      "normal_classes": config_lib.split_csv(cfg.data.normal_classes),
-      "abnormal_classes": config_lib.split_csv(cfg.data.abnormal_classes),
-      "bag_size": int(cfg.bags.bag_size),
-      "witness_rate": float(cfg.bags.witness_rate),
-      "n_train": int(cfg.bags.n_train),
-      "n_test": int(cfg.bags.n_test),
-      "train_fraction": float(cfg.bags.train_fraction),
-      "val_fraction": float(cfg.bags.val_fraction),
-      "allow_reuse": bool(cfg.bags.allow_reuse),
-      "check_images": bool(cfg.data.check_images),
-      "source": str(cfg.data.source),
-  }
-
-
-def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]) -> tuple[str, dict[str, list[str]], dict[str, Any], list[dict[str, str]]]:
-  """(root, class -> paths, TFDS info, skipped files) from the prepared ``cell_folder``.
-
-  The dataset is prepared from ``data.root`` first when ``data_dir`` does not hold it
-  yet; once prepared, ``data.root`` may be left empty.
-  """
-  from slamags_jax import tfds_cells  # pylint: disable=g-import-not-at-top  (TFDS only when used)
-  data_dir = tfds_cells.resolve_data_dir(cfg.data.tfds_data_dir, workdir)
-  builder = tfds_cells.prepare(cfg.data.root, data_dir)
-  index = tfds_cells.index(builder)
-  root = builder.info.metadata.get("root") or os.path.abspath(cfg.data.root)
-  available = sorted(index.classes)
-  out = {}
-  for c in classes:
-    if c not in available:
-      raise UserError(f"class {c!r} is not in the TFDS dataset at {data_dir!r}; classes there: {', '.join(available)}")
-    paths = sorted(index.paths_of(c))
-    if not paths:
-      raise UserError(f"class {c!r} has no images in the TFDS dataset at {data_dir!r}")
-    out[c] = paths
-  info = {"data_dir": data_dir, "name": index.name, "records": index.records_by_path()}
-  skipped = [{"path": p, "reason": r} for p, r in sorted(index.skipped) if p.split("/", 1)[0] in classes]
-  return os.path.abspath(root), out, info, skipped
+def check(cfg: Any) -> None:
+  """Refuses bad data settings before any work (``main`` calls it before creating the workdir)."""
+  source_module(cfg).check(cfg)
 
 
 def run(cfg: Any, workdir: str) -> None:
-  """The ``bags`` stage: discover, drop unreadable files, split, draw, write the manifest.
+  """The ``bags`` stage: the source builds the manifest, this writes it (last).
 
   With several processes (multi-host), process 0 does the stage (it writes: the TFDS
   records when it prepares them, the manifest) and the others wait for it; no stage
@@ -318,82 +70,10 @@ def run(cfg: Any, workdir: str) -> None:
     parallel.sync("bags: manifest written")
     return
   t0 = time.time()
-  settings = settings_from_config(cfg)
-  normal, abnormal = settings["normal_classes"], settings["abnormal_classes"]
-  classes = normal + abnormal
-  seed = int(config_lib.data_seed(cfg))
-  # Refuse impossible settings before touching the data.
-  witnesses_per_bag(settings["bag_size"], settings["witness_rate"])
-  if not cfg.data.root and settings["source"] != "tfds":
-    raise UserError("data.root is empty: set --config.data.root to a cell image folder")
-  root = os.path.abspath(cfg.data.root) if cfg.data.root else ""
-
-  tfds_info = None
-  if settings["source"] == "tfds":
-    root, by_class, tfds_info, excluded = _cells_from_tfds(cfg, workdir, classes)
-    for e in excluded:
-      logging.warning("bags: unreadable file %s was skipped when the TFDS dataset was prepared: %s",
-                      e["path"], e["reason"])
-    logging.info("bags: %d cells in the TFDS dataset %s; %d unreadable file(s) excluded",
-                 sum(map(len, by_class.values())), tfds_info["data_dir"], len(excluded))
-  else:
-    by_class = data_lib.discover(root, classes)
-    n_found = sum(map(len, by_class.values()))
-    logging.info("bags: found %d images in %s (%s)", n_found, root,
-                 ", ".join(f"{c}: {len(p)}" for c, p in by_class.items()))
-    excluded = []
-    if cfg.data.check_images:
-      t1 = time.time()
-      bad = data_lib.find_unreadable(root, [p for c in classes for p in by_class[c]])
-      for path, reason in bad:
-        logging.warning("bags: excluding unreadable file %s: %s", path, reason)
-      logging.info("bags: checked %d images in %.1f s; %d unreadable file(s) excluded",
-                   n_found, time.time() - t1, len(bad))
-      bad_set = {p for p, _ in bad}
-      by_class = {c: [p for p in ps if p not in bad_set] for c, ps in by_class.items()}
-      excluded = [{"path": p, "reason": r} for p, r in sorted(bad)]
-      for c, ps in by_class.items():
-        if not ps:
-          raise UserError(f"class {c!r} has no readable images in {os.path.join(root, c)!r}")
-
-  sim = simulate(
-      by_class, normal, abnormal,
-      bag_size=settings["bag_size"], witness_rate=settings["witness_rate"],
-      n_train=settings["n_train"], n_test=settings["n_test"],
-      train_fraction=settings["train_fraction"], val_fraction=settings["val_fraction"],
-      allow_reuse=settings["allow_reuse"], seed=seed,
-  )
-  settings["k"] = sim["k"]
-  if tfds_info is not None:
-    records = tfds_info.pop("records")
-    for c in sim["cells"]:
-      c["record"] = int(records[c["path"]])
-  manifest = {
-      "format": FORMAT,
-      "root": root,
-      "seed": seed,
-      "settings": settings,
-      "excluded": excluded,
-      "cells": sim["cells"],
-      "bags": sim["bags"],
-      "reuse": sim["reuse"],
-  }
-  if tfds_info is not None:
-    manifest["tfds"] = tfds_info
-  counts = {s: sum(b["split"] == s for b in sim["bags"]) for s in SPLITS}
-  if settings["val_fraction"] > 0 and not counts["val"]:
-    logging.warning("bags: bags.val_fraction=%g gave no validation bags (too few training bags)",
-                    settings["val_fraction"])
-  logging.info("bags: k=%d abnormal cells per positive bag of %d; %s bags (train/val/test)",
-               sim["k"], settings["bag_size"], "/".join(str(counts[s]) for s in SPLITS))
-  for pool, stats in sim["reuse"].items():
-    for kind, st in stats.items():
-      logging.info(
-          "bags: %s pool, %s cells: %d in pool, %d used, %d used in more than one bag "
-          "(max %d uses)", pool, kind, st["pool_cells"], st["distinct_used"],
-          st["reused_cells"], st["max_uses"])
+  manifest = {"format": FORMAT, **source_module(cfg).build(cfg, workdir)}
   path = os.path.join(workdir, MANIFEST)
-  fileio.write_json(path, manifest)  # last: the stage's completion marker
+  # Slide sets reach a million cells: written without indentation (a third of the size).
+  fileio.write_json(path, manifest, compact=manifest.get("source") == "slides")  # last: the marker
   logging.info("bags: wrote %s in %.1f s", path, time.time() - t0)
   parallel.sync("bags: manifest written")
 
@@ -422,7 +102,7 @@ def bag_cells(manifest: Mapping[str, Any], split: str) -> list[np.ndarray]:
 
 
 def bag_labels(manifest: Mapping[str, Any], split: str) -> np.ndarray:
-  """Bag labels (0/1, int32) of ``split``, in manifest order."""
+  """Bag labels (class indices, int32) of ``split``, in manifest order."""
   return np.asarray([b["label"] for b in bags_of(manifest, split)], np.int32)
 
 
@@ -442,6 +122,17 @@ def used_cell_ids(manifest: Mapping[str, Any]) -> np.ndarray:
   return np.array(sorted(ids), np.int64)
 
 
+def is_positive(bag: Mapping[str, Any]) -> bool:
+  """Whether SLAM pretraining treats ``bag`` as positive: simulated label 1, or a slide label
+  that is not one of ``data.negative_labels``."""
+  return bool(bag.get("positive", bag["label"] == 1))
+
+
+def label_names(manifest: Mapping[str, Any]) -> list[str]:
+  """Class names by class index: the slide labels, or ["normal", "abnormal"] (simulated)."""
+  return list(manifest.get("labels") or ["normal", "abnormal"])
+
+
 def pretrain_pools(manifest: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
   """(P, N): sorted unique cell ids of the positive and of the negative *train* bags.
 
@@ -452,5 +143,5 @@ def pretrain_pools(manifest: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]
   """
   pos, neg = set(), set()
   for b in bags_of(manifest, "train"):
-    (pos if b["label"] == 1 else neg).update(b["cells"])
+    (pos if is_positive(b) else neg).update(b["cells"])
   return np.array(sorted(pos), np.int64), np.array(sorted(neg), np.int64)

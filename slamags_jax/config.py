@@ -102,14 +102,22 @@ FIELDS: Sequence[Field] = (
     Field("data.mean", (0.6009, 0.5513, 0.7394), "Per-channel normalisation mean (RGB, on [0, 1] pixels).", _triple),
     Field("data.std", (0.1982, 0.2448, 0.1076), "Per-channel normalisation standard deviation (RGB, on [0, 1] pixels).", _positive_triple),
     Field("data.check_images", True, "Decode every image once before bags are drawn and exclude unreadable files (named in the log).", None),
+    Field("data.slides_csv", "", "`bags.source=slides`: CSV with columns `slide_id,label` and optional `patient_id` and `split` (`train`/`val`/`test`); one row per folder `data.root/<slide_id>/`.", None),
+    Field("data.negative_labels", "", "`bags.source=slides`: comma-separated slide labels that are normal; SLAM pretraining contrasts their slides with all others. The MIL learns every label.", _csv_names(allow_empty=True)),
+    Field("data.cell_labels_csv", "", "`bags.source=slides`, optional: CSV `path,label` of annotated cells (path relative to `data.root`); retrieval metrics are computed on the slides holding annotated cells.", None),
+    Field("data.ignore_unlisted_slides", False, "`bags.source=slides`: ignore folders under `data.root` that have no row in `data.slides_csv` (otherwise they are an error).", None),
     Field("data.workers", 0, "Worker processes for image loading and augmentation (0: in the main process, with a prefetch thread).", _range(0, 64)),
     # -- bags --
+    Field("bags.source", "simulated", "`simulated`: bags drawn from cell-class folders (the benchmark); `slides`: one bag per slide folder `data.root/<slide_id>/`, labelled by `data.slides_csv`.", _choice("simulated", "slides")),
+    Field("bags.folds", 5, "`bags.source=slides` without a `split` column: stratified K-fold splits at patient level (no patient in two splits).", _range(2)),
+    Field("bags.fold", 0, "`bags.source=slides`: which fold (0 .. bags.folds-1) is the test split; `bags.val_fraction` of the other patients become validation slides.", _INT_NONNEG),
+    Field("bags.min_cells", 1, "`bags.source=slides`: a slide with fewer readable images is an error (also in `predict`).", _INT_POS),
     Field("bags.witness_rate", 0.1, "Share of abnormal cells in a positive bag; a positive bag holds k = max(1, round(bag_size x witness_rate)) of them.", _range(0.0, 1.0, lo_open=True)),
     Field("bags.bag_size", 200, "Cells per bag.", _INT_POS),
     Field("bags.n_train", 60, "Training bags (half negative, half positive); `bags.val_fraction` of them become validation bags.", _range(2)),
     Field("bags.n_test", 60, "Test bags (half negative, half positive).", _range(2)),
     Field("bags.train_fraction", 0.6, "Share of each class's cells in the train pool; the rest form the test pool. No cell is in both.", _range(0.0, 1.0, lo_open=True, hi_open=True)),
-    Field("bags.val_fraction", 0.2, "Share of training bags (stratified by label) held out as validation bags for MIL model selection.", _range(0.0, 1.0, hi_open=True)),
+    Field("bags.val_fraction", 0.2, "Share of training bags (stratified by label) held out as validation bags for MIL model selection; with `bags.source=slides`, the share of the training fold's patients (stratified by slide label).", _range(0.0, 1.0, hi_open=True)),
     Field("bags.allow_reuse", True, "Allow a cell in several bags of its pool (never across pools) when the pool is too small for distinct cells.", None),
     # -- augmentation (the reference's strong view) --
     Field("augment.flip_p", 0.5, "Probability of a horizontal flip.", _PROB),
@@ -242,6 +250,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError(f"config key 'data.abnormal_classes' repeats a normal class: {sorted(overlap)[0]!r}")
   if cfg.pretrain.warmup_epochs > cfg.pretrain.epochs:
     raise UserError(f"config key 'pretrain.warmup_epochs' must be <= pretrain.epochs ({cfg.pretrain.epochs}), got {cfg.pretrain.warmup_epochs}")
+  if cfg.bags.fold >= cfg.bags.folds:
+    raise UserError(f"config key 'bags.fold' must be < bags.folds ({cfg.bags.folds}), got {cfg.bags.fold}")
+  if cfg.bags.source == "slides" and cfg.data.source != "folder":
+    raise UserError("config key 'data.source' must be folder with bags.source=slides (slides are read from their folders)")
   if cfg.pretrain.method.endswith("_heads") and cfg.model.task_heads == "shared":
     raise UserError(f"config key 'model.task_heads' is 'shared', but method {cfg.pretrain.method!r} is defined by "
                     "per-task heads (use its base method for a shared head)")
@@ -250,6 +262,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     f"(per-task heads need one of {', '.join(TWO_TASK_METHODS)})")
   if cfg.bags.n_train % 2 or cfg.bags.n_test % 2:
     raise UserError("config keys 'bags.n_train' and 'bags.n_test' must be even (half negative, half positive bags)")
+
+
+# Keys that only the slides bag source reads (with bags.source=simulated they change nothing).
+SLIDES_KEYS = ("bags.source", "data.slides_csv", "data.negative_labels", "data.cell_labels_csv",
+               "data.ignore_unlisted_slides", "bags.folds", "bags.fold", "bags.min_cells")
+# Keys that only the simulated bag source reads.
+SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_rate", "bags.bag_size",
+                  "bags.n_train", "bags.n_test", "bags.train_fraction", "bags.allow_reuse")
+
+
+def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Keys that do not affect a run's result with this config's bag source (for settings hashes).
+
+  With the default ``bags.source=simulated`` these are the slides keys, so fingerprints of
+  simulated runs are what they were before the slides source existed.
+  """
+  return SLIDES_KEYS if cfg.bags.source == "simulated" else ()
 
 
 def data_seed(cfg: ml_collections.ConfigDict) -> int:

@@ -68,6 +68,11 @@ def _walk_images(folder: str, root: str) -> list[str]:
   return sorted(out)
 
 
+def images_below(folder: str, root: str) -> list[str]:
+  """Sorted relative (to ``root``) posix paths of the image files found recursively below ``folder``."""
+  return _walk_images(folder, root)
+
+
 def discover(root: str, classes: Sequence[str]) -> dict[str, list[str]]:
   """Class -> sorted relative paths of its image files, found recursively.
 

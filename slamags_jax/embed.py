@@ -11,14 +11,17 @@ bags; per-bag arrays are then gathered from it.
 Outputs, in `<workdir>/embeddings/`: `<bag_id>.npz` with `embeddings` float32 [n, D] and
 `cell_ids` int64 [n] in the bag's cell order, and `index.json` (written last: the
 stage's completion marker) with `dim`, `embedding` and one entry per bag
-(`id`, `split`, `label`, `k`, `file`, `n`).
+(`id`, `split`, `label`, `k`, `file`, `n`), and `labels` (class names) for slides.
+
+The pass streams (``stream_bags``): each bag's file is written as soon as its cells are
+embedded, so memory does not grow with the number of cells of a slide set.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -76,41 +79,81 @@ def load_encoder_variables(cfg, workdir: str) -> dict:
   return checkpoints.load_encoder(path)
 
 
+def stream_bags(manifest, cfg, model, variables, mesh, *, batch_size: int | None = None,
+                show_progress: bool = True, desc: str = "embed") -> Iterator[tuple[dict, np.ndarray]]:
+  """Embeds every cell of the manifest once and yields ``(bag, embeddings [n, D])`` as bags complete.
+
+  Cells are embedded in id order; a bag is yielded as soon as its last cell is embedded,
+  and a cell's embedding is dropped once every bag that holds it has been yielded. For
+  slides (each cell in one bag, ids numbered slide by slide) the memory held is one
+  slide's embeddings, whatever the number of cells; simulated bags (cells shared across
+  bags) hold the cells of bags not yet complete. Bags come in completion order; every
+  process gets every bag (the embedding is collective over ``mesh``).
+  """
+  variables = parallel.replicate(variables, mesh)
+  embed_fn = make_embed_fn(model, cfg, mesh)
+  size = int(batch_size or cfg.embed.batch_size)
+  batch = max(mesh.size, size - size % mesh.size)
+  data = input_pipeline.embed_data(manifest, cfg, batch_size=batch, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  ids = bags_lib.used_cell_ids(manifest)
+  bags = manifest["bags"]
+  cells = [np.asarray(b["cells"], np.int64) for b in bags]
+  # Position (in embedding order) after which each bag is complete; uses left per cell.
+  done_at = np.asarray([int(np.searchsorted(ids, c).max()) + 1 if len(c) else 0 for c in cells], np.int64)
+  order = np.argsort(done_at, kind="stable")
+  uses = {}
+  for c in cells:
+    for i in c.tolist():
+      uses[i] = uses.get(i, 0) + 1
+  held: dict[int, np.ndarray] = {}
+  embedded, nxt = 0, 0
+  for b in progress(data, total=len(data), desc=desc, unit="batch", disable=not (show_progress and parallel.is_writer())):
+    gb = parallel.global_batch({"images": b["images"], "cell_ids": b["cell_ids"], "valid": b["valid"]}, mesh)
+    e = parallel.to_host(embed_fn(variables, gb["images"]))
+    valid = parallel.to_host(gb["valid"])
+    for cid, row in zip(parallel.to_host(gb["cell_ids"])[valid].tolist(), np.array(e[valid], np.float32)):
+      held[int(cid)] = row
+    embedded += int(valid.sum())
+    while nxt < len(order) and done_at[order[nxt]] <= embedded:
+      i = int(order[nxt])
+      nxt += 1
+      members = cells[i].tolist()
+      yield bags[i], (np.stack([held[c] for c in members]) if members else np.zeros((0, 0), np.float32))
+      for c in members:
+        uses[c] -= 1
+        if not uses[c]:
+          del held[c]
+
+
 def run(cfg, workdir: str) -> None:
   out_dir = os.path.join(workdir, "embeddings")
   manifest = bags_lib.load_manifest(workdir)
   mesh = parallel.data_mesh()
   model = models.from_config(cfg)
-  variables = parallel.replicate(load_encoder_variables(cfg, workdir), mesh)
-  embed_fn = make_embed_fn(model, cfg, mesh)
-  batch = max(mesh.size, cfg.embed.batch_size - cfg.embed.batch_size % mesh.size)
-  data = input_pipeline.embed_data(manifest, cfg, batch_size=batch, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  ids, embs = [], []
+  variables = load_encoder_variables(cfg, workdir)
+  writer = parallel.is_writer()
+  entries, dim, n_cells = {}, 0, 0
   t0 = time.perf_counter()
-  for b in progress(data, total=len(data), desc="embed", unit="batch", disable=not parallel.is_writer()):
-    gb = parallel.global_batch({"images": b["images"], "cell_ids": b["cell_ids"], "valid": b["valid"]}, mesh)
-    e = parallel.to_host(embed_fn(variables, gb["images"]))
-    valid = parallel.to_host(gb["valid"])
-    ids.append(parallel.to_host(gb["cell_ids"])[valid])
-    embs.append(e[valid])
+  for bag, embs in stream_bags(manifest, cfg, model, variables, mesh):
+    dim = int(embs.shape[1])
+    n_cells += len(embs)
+    if not writer:
+      continue
+    fname = f"{bag['id']}.npz"
+    fileio.save_npz(os.path.join(out_dir, fname), embeddings=embs,
+                    cell_ids=np.asarray(bag["cells"], np.int64))
+    entries[bag["id"]] = {"id": bag["id"], "split": bag["split"], "label": int(bag["label"]), "k": int(bag["k"]),
+                          "file": fname, "n": int(len(embs))}
   wall = time.perf_counter() - t0
-  ids = np.concatenate(ids).astype(np.int64)
-  embs = np.concatenate(embs).astype(np.float32)
-  row = {int(c): i for i, c in enumerate(ids)}
-  logging.info("embedded %d cells in %.1f s (%.1f cells/s)", len(ids), wall, len(ids) / max(wall, 1e-9))
-  if not parallel.is_writer():
+  n_unique = int(len(bags_lib.used_cell_ids(manifest)))
+  logging.info("embedded %d cells in %.1f s (%.1f cells/s)", n_unique, wall, n_unique / max(wall, 1e-9))
+  if not writer:
     parallel.sync("embed: outputs written")  # the next stage reads what process 0 writes below
     return
-  index = []
-  for bag in manifest["bags"]:
-    cell_ids = np.asarray(bag["cells"], np.int64)
-    fname = f"{bag['id']}.npz"
-    fileio.save_npz(os.path.join(out_dir, fname), embeddings=embs[[row[int(c)] for c in cell_ids]],
-                    cell_ids=cell_ids)
-    index.append({"id": bag["id"], "split": bag["split"], "label": int(bag["label"]), "k": int(bag["k"]),
-                  "file": fname, "n": int(len(cell_ids))})
-  fileio.write_json(os.path.join(out_dir, "index.json"), {
-      "dim": int(embs.shape[1]), "embedding": cfg.model.embedding, "bags": index,
-      "cells": int(len(ids)), "wall_s": round(wall, 3), "cells_per_second": round(len(ids) / max(wall, 1e-9), 1)})
+  index = {"dim": dim, "embedding": cfg.model.embedding, "bags": [entries[b["id"]] for b in manifest["bags"]],
+           "cells": n_unique, "wall_s": round(wall, 3), "cells_per_second": round(n_unique / max(wall, 1e-9), 1)}
+  if manifest.get("labels"):
+    index["labels"] = list(manifest["labels"])
+  fileio.write_json(os.path.join(out_dir, "index.json"), index)
   parallel.sync("embed: outputs written")

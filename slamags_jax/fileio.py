@@ -100,8 +100,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     f.write(data)
 
 
-def to_json(obj: Any) -> str:
-  """Deterministic JSON (sorted keys, 1-space indent, trailing newline)."""
+def to_json(obj: Any, compact: bool = False) -> str:
+  """Deterministic JSON (sorted keys, 1-space indent or ``compact``: none, trailing newline)."""
+  if compact:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_json_default) + "\n"
   return json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
 
 
@@ -113,8 +115,8 @@ def _json_default(x: Any) -> Any:
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  write_text(path, to_json(obj))
+def write_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> None:
+  write_text(path, to_json(obj, compact))
 
 
 def read_json(path: str | os.PathLike) -> Any:

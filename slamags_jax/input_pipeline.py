@@ -401,8 +401,9 @@ def embed_data(manifest: Mapping[str, Any], cfg: Any, *, batch_size: int, proces
     raise UserError(f"embed batch size {batch_size} must be a positive multiple of the process count {process_count}")
   ids = bags_lib.used_cell_ids(manifest)
   num_batches = -(-len(ids) // batch_size)
-  fn = _EmbedBatch(_images_for(manifest, cfg), ids, batch_size, process_index, process_count,
-                   int(cfg.data.crop_size))
+  # One pass, each cell read once: no decoded-cell cache (it would only grow to its cap).
+  images = CellImages(manifest, cfg.data.image_size, cfg.data.source, cfg.data.tfds_data_dir, cache_bytes=0)
+  fn = _EmbedBatch(images, ids, batch_size, process_index, process_count, int(cfg.data.crop_size))
   ds = grain.MapDataset.range(num_batches).map(fn)
   workers = int(cfg.data.workers if workers is None else workers)
   return EmbedData(num_batches, len(ids), batch_size // process_count, workers, ds)

@@ -137,16 +137,9 @@ def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
       raise UserError(f"stage '{stage}' is complete in {workdir} but the stage '{before}' it was made from is not: "
                       f"remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' "
                       "folders to redo them")
-  if "bags" in wanted and not _complete(workdir, "bags") and cfg.data.source == "folder":
-    from slamags_jax import data as data_lib
-    if not cfg.data.root:
-      raise UserError("data.root is empty: set --config.data.root to a cell image folder")
-    root = os.path.abspath(cfg.data.root)
-    available = data_lib.class_folders(root)
-    for c in config_lib.split_csv(cfg.data.normal_classes) + config_lib.split_csv(cfg.data.abnormal_classes):
-      if c not in available:
-        raise UserError(f"class {c!r} has no folder in data root {root!r}; class folders there: "
-                        f"{', '.join(available) if available else 'none'}")
+  if "bags" in wanted and not _complete(workdir, "bags"):
+    from slamags_jax import bags
+    bags.check(cfg)  # the bag source's own checks (data root, class or slide folders, CSVs)
 
 
 def run(cfg, workdir: str) -> None:
@@ -189,10 +182,15 @@ def run(cfg, workdir: str) -> None:
   report_md = os.path.join(workdir, "report", "report.md")
   if _complete(workdir, "report") and os.path.exists(report_md):
     summary = fileio.read_json(os.path.join(workdir, MARKERS["report"]))
-    logging.info("done: test bag ROC-AUC %.3f, recall@%d %.3f (a random ranking: %.3f); the report is %s",
-                 summary.get("bag_auc", float("nan")), summary.get("topk_k", 0),
-                 summary.get("recall_at_k_mean", float("nan")), summary.get("random_recall_at_k_mean", float("nan")),
-                 os.path.relpath(report_md) if not os.path.relpath(report_md).startswith("..") else report_md)
+    num = lambda key: float("nan") if summary.get(key) is None else summary[key]  # noqa: E731  (JSON null = NaN)
+    shown = os.path.relpath(report_md) if not os.path.relpath(report_md).startswith("..") else report_md
+    if summary.get("source") == "slides":
+      logging.info("done: test slides accuracy %.3f, macro F1 %.3f, macro ROC-AUC %.3f; the report is %s",
+                   num("bag_accuracy"), num("macro_f1"), num("macro_auc"), shown)
+    else:
+      logging.info("done: test bag ROC-AUC %.3f, recall@%d %.3f (a random ranking: %.3f); the report is %s",
+                   num("bag_auc"), summary.get("topk_k", 0), num("recall_at_k_mean"), num("random_recall_at_k_mean"),
+                   shown)
   else:
     logging.info("done: %s", workdir)
 

@@ -187,3 +187,38 @@ def json_safe(obj: Any) -> Any:
   if isinstance(obj, np.integer):
     return int(obj)
   return obj
+
+
+def class_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, Any]:
+  """Slide metrics for any number of classes from class probabilities ``probs`` [n, C].
+
+  The call is the most probable class (for two classes this is p(class 1) > 0.5; the
+  binary metrics above use >= 0.5, which differs only at exactly 0.5). Per class: one-vs-
+  rest ROC-AUC of that class's probability (NaN when the class, or every other class, is
+  absent), F1, precision and recall; ``macro_f1`` averages F1 over the classes present
+  in ``labels`` or in the calls (sklearn's convention), ``macro_auc`` the defined
+  per-class AUCs. ``confusion`` [true][called] counts slides.
+  """
+  y = np.asarray(labels, np.int64).reshape(-1)
+  p = np.asarray(probs, np.float64).reshape(len(y), num_classes)
+  nan = float("nan")
+  if y.size == 0:
+    return {"n": 0, "accuracy": nan, "macro_f1": nan, "macro_auc": nan, "per_class": [],
+            "confusion": [[0] * num_classes for _ in range(num_classes)]}
+  call = p.argmax(-1)
+  per_class = []
+  f1 = skm.f1_score(y, call, labels=list(range(num_classes)), average=None, zero_division=0)
+  prec = skm.precision_score(y, call, labels=list(range(num_classes)), average=None, zero_division=0)
+  rec = skm.recall_score(y, call, labels=list(range(num_classes)), average=None, zero_division=0)
+  for c in range(num_classes):
+    per_class.append({"auc": roc_auc((y == c).astype(np.int64), p[:, c]), "f1": float(f1[c]),
+                      "precision": float(prec[c]), "recall": float(rec[c]), "n": int((y == c).sum())})
+  seen = sorted(set(y.tolist()) | set(call.tolist()))
+  return {
+      "n": int(y.size),
+      "accuracy": float(skm.accuracy_score(y, call)),
+      "macro_f1": float(np.mean([f1[c] for c in seen])),
+      "macro_auc": nanmean([pc["auc"] for pc in per_class]),
+      "per_class": per_class,
+      "confusion": skm.confusion_matrix(y, call, labels=list(range(num_classes))).tolist(),
+  }

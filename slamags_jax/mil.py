@@ -31,8 +31,17 @@ by the mask, so a padded cell gets exactly zero attention; L2 normalisation is
 gradient-safe at zero (x * rsqrt(max(|x|^2, eps^2))), so zero-padded features produce
 no NaN gradients; the clustering losses average over real cells only. A bag alone and
 the same bag padded inside a batch give the same logits, attention and gradients (test).
-Bags are padded to one bucketed length (next multiple of 32 of the largest bag) so that
-every step and every evaluation batch has the same shape (one compilation each).
+Bags of one size are padded to one bucketed length (next multiple of 32 of the largest
+bag), so every step and every evaluation batch has the same shape (one compilation
+each). Bags of varying size (slides: a hundred to 10,000+ cells) are padded per step and
+per evaluation batch to a power-of-two tier of 32 (``tier_length``) at most that length:
+a few compiled shapes, and small bags do not pay for the largest.
+
+Classes: two (normal / abnormal, simulated bags and binary slide labels) or more (slide
+labels, ``embeddings/index.json`` ``labels``): softmax cross-entropy over C logits;
+PAMIL has one attention branch per class, ABMIL its one branch. The ranking attention
+is the abnormal class's for two classes, the called class's (PAMIL) for more; model
+selection uses the macro one-vs-rest AUC then.
 
 Training: Adam (AdamW when ``mil.weight_decay`` > 0), ``mil.bags_per_step`` bags per
 step (1 = the reference; a short last step is padded with empty, zero-weight bags),
@@ -55,8 +64,9 @@ validation bags the last epoch is used, and the log and summary say so.
 Outputs of ``run`` under ``<workdir>/mil/``: ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (orbax; the selected ("best") and the last epoch, step = epoch,
 written once training ends: the stage is short and reruns from scratch),
-``predictions.npz`` + ``predictions.json`` (every bag: abnormal probability,
-prediction, per-cell abnormal-class attention) and, last, ``summary.json``.
+``predictions.npz`` + ``predictions.json`` (every bag: abnormal probability, class
+probabilities ``probs``, prediction, per-cell ranking attention and every attention
+branch; the class names in ``labels``) and, last, ``summary.json``.
 The stage uses bag labels only; instance labels are read by the report stage.
 """
 
@@ -185,15 +195,25 @@ class PrototypeGatedMIL(nn.Module):
             "aux": {"cluster": l_clst, "proto_cluster": l_proto}}
 
 
-def make_model(mil_cfg: Any) -> nn.Module:
-  """The aggregator named by ``mil_cfg.model`` with its sizes from ``mil_cfg``."""
-  if mil_cfg.model == "abmil":
-    return GatedABMIL(hidden_dim=mil_cfg.hidden_dim, attention_dim=mil_cfg.attention_dim,
-                      dropout=mil_cfg.dropout)
-  if mil_cfg.model == "pamil":
-    return PrototypeGatedMIL(hidden_dim=mil_cfg.hidden_dim, attention_dim=mil_cfg.attention_dim,
-                             n_prototypes=mil_cfg.n_prototypes, dropout=mil_cfg.dropout)
-  raise UserError(f"config key 'mil.model' must be abmil or pamil, got {mil_cfg.model!r}")
+def make_model(mil_cfg: Any, num_classes: int = NUM_CLASSES) -> nn.Module:
+  """The aggregator named by ``mil_cfg.model`` with its sizes from ``mil_cfg`` (or a checkpoint's meta).
+
+  ``num_classes`` > 2: multi-class (slide labels); PAMIL then has one attention branch
+  per class, ABMIL keeps its one branch.
+  """
+  get = (lambda k: mil_cfg[k]) if isinstance(mil_cfg, dict) else (lambda k: getattr(mil_cfg, k))
+  if get("model") == "abmil":
+    return GatedABMIL(hidden_dim=get("hidden_dim"), attention_dim=get("attention_dim"),
+                      dropout=get("dropout"), num_classes=int(num_classes))
+  if get("model") == "pamil":
+    return PrototypeGatedMIL(hidden_dim=get("hidden_dim"), attention_dim=get("attention_dim"),
+                             n_prototypes=get("n_prototypes"), dropout=get("dropout"), num_classes=int(num_classes))
+  raise UserError(f"config key 'mil.model' must be abmil or pamil, got {get('model')!r}")
+
+
+def model_from_meta(meta: dict[str, Any]) -> nn.Module:
+  """The aggregator a checkpoint's meta describes (``load_checkpoint``)."""
+  return make_model(meta, int(meta.get("num_classes", NUM_CLASSES)))
 
 
 def init_model(model: nn.Module, key: jax.Array, input_dim: int) -> Params:
@@ -208,6 +228,20 @@ def init_model(model: nn.Module, key: jax.Array, input_dim: int) -> Params:
 def bucket_length(n_max: int, multiple: int = PAD_MULTIPLE) -> int:
   """Padded bag length: ``n_max`` rounded up to a multiple of ``multiple`` (>= 1)."""
   return max(1, int(math.ceil(max(n_max, 1) / multiple)) * multiple)
+
+
+def tier_length(n: int, cap: int, multiple: int = PAD_MULTIPLE) -> int:
+  """Padded length of a batch whose largest bag has ``n`` cells: ``multiple`` x 2^j >= n, at most ``cap``.
+
+  Why: slide bags vary from a hundred to 10,000+ cells; padding every bag to the largest
+  would multiply the work of small ones. Power-of-two tiers bound the number of compiled
+  shapes (log2(cap / 32) + 1); bags of one size get ``cap`` = ``bucket_length`` of it,
+  as before.
+  """
+  length = multiple
+  while length < n:
+    length *= 2
+  return min(length, cap)
 
 
 def pad_batch(bags: Sequence[Bag], length: int, batch_size: int | None = None,
@@ -308,7 +342,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cluster_
 
 @functools.lru_cache(maxsize=8)
 def make_forward(model: nn.Module, mesh: jax.sharding.Mesh | None = None) -> Callable[..., Any]:
-  """Jitted deterministic (params, x, mask) -> (abnormal prob, logits, attention, branches).
+  """Jitted deterministic (params, x, mask) -> (class probs [B, C], logits, attention, branches).
 
   ``branches`` [B, N, A] holds every attention branch (ABMIL: A = 1, the ranking one;
   PAMIL: A = 2, per class), kept for diagnostics. With ``mesh`` the bag axis is split
@@ -316,8 +350,8 @@ def make_forward(model: nn.Module, mesh: jax.sharding.Mesh | None = None) -> Cal
   """
   def forward(params, x, mask):
     out = model.apply({"params": params}, x, mask, deterministic=True)
-    prob = jax.nn.softmax(out["logits"], axis=-1)[:, ABNORMAL]
-    return prob, out["logits"], out["attention"], out["attention_branches"]
+    probs = jax.nn.softmax(out["logits"], axis=-1)
+    return probs, out["logits"], out["attention"], out["attention_branches"]
   if mesh is None:
     return jax.jit(forward)
   data = parallel.batch_sharding(mesh)
@@ -332,54 +366,83 @@ def eval_batch_size(length: int, dim: int, cap: int = 16) -> int:
 def predict(model: nn.Module, params: Params, bags: Sequence[Bag], length: int | None = None,
             batch_size: int | None = None, forward: Callable[..., Any] | None = None,
             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """Scores bags: abnormal probability, prediction (p >= 0.5), logits, attention, CE.
+  """Scores bags: class probabilities, prediction, logits, attention, CE.
 
-  ``attention`` is a list of float32 arrays, one per bag, of its real cells only
-  (abnormal-class attention); ``attention_branches`` the same for every branch [n, A].
-  ``ce`` is each bag's cross-entropy against its ``label`` (NaN where a bag has none).
+  ``probs`` [n, C]; ``prob`` is p(class 1) (abnormal) for two classes, else the called
+  class's probability; ``pred`` is p(abnormal) >= 0.5 for two classes, else the most
+  probable class. ``attention`` is a list of float32 arrays, one per bag, of its real
+  cells only: the ranking attention (two classes: abnormal-class attention; more: the
+  called class's branch where the model has one per class); ``attention_branches`` the
+  same for every branch [n, A]. ``ce`` is each bag's cross-entropy against its
+  ``label`` (NaN where a bag has none). Bags are scored in batches of similar size
+  (``tier_length`` up to ``length``, default: the largest bag's ``bucket_length``).
   With ``mesh`` each batch (rounded up to a multiple of the device count, padded with
   empty bags) is split over the devices; every process gets every bag's scores.
   """
+  num_classes = int(model.num_classes)
   if not bags:
-    return {"prob": np.zeros(0, np.float32), "pred": np.zeros(0, np.int64),
-            "logits": np.zeros((0, NUM_CLASSES), np.float32), "attention": [],
+    return {"prob": np.zeros(0, np.float64), "pred": np.zeros(0, np.int64),
+            "probs": np.zeros((0, num_classes), np.float64),
+            "logits": np.zeros((0, num_classes), np.float32), "attention": [],
             "attention_branches": [], "ce": np.zeros(0, np.float64)}
   dim = bags[0]["embeddings"].shape[1]
-  length = length or bucket_length(max(b["embeddings"].shape[0] for b in bags))
-  bs = batch_size or eval_batch_size(length, dim)
+  sizes = np.asarray([b["embeddings"].shape[0] for b in bags], np.int64)
+  length = length or bucket_length(int(sizes.max()))
   forward = forward or make_forward(model, mesh)
   if mesh is not None:
-    bs = -(-bs // mesh.size) * mesh.size
     params = parallel.replicate(params, mesh)
-  probs, logits, attn, branches = [], [], [], []
-  for start in range(0, len(bags), bs):
-    chunk = bags[start:start + bs]
-    batch = pad_batch(chunk, length, bs, dim)
-    if mesh is None:
-      p, lg, a, br = jax.device_get(forward(params, batch["x"], batch["mask"]))
-    else:
-      xm = parallel.shard_rows((batch["x"], batch["mask"]), mesh)
-      p, lg, a, br = (parallel.to_host(o) for o in forward(params, *xm))
-    for i, bag in enumerate(chunk):
-      n = bag["embeddings"].shape[0]
-      probs.append(float(p[i]))
-      logits.append(np.asarray(lg[i], np.float32))
-      attn.append(np.asarray(a[i, :n], np.float32))
-      branches.append(np.asarray(br[i, :n], np.float32))
-  prob = np.asarray(probs, np.float64)
-  logits = np.stack(logits)
+  tiers = np.asarray([tier_length(int(n), length) for n in sizes])
+  results: list[Any] = [None] * len(bags)
+  for tier in sorted(set(tiers.tolist())):
+    members = np.flatnonzero(tiers == tier)
+    bs = batch_size or eval_batch_size(tier, dim)
+    if mesh is not None:
+      bs = -(-bs // mesh.size) * mesh.size
+    for start in range(0, len(members), bs):
+      idx = members[start:start + bs]
+      chunk = [bags[i] for i in idx]
+      batch = pad_batch(chunk, tier, bs, dim)
+      if mesh is None:
+        p, lg, a, br = jax.device_get(forward(params, batch["x"], batch["mask"]))
+      else:
+        xm = parallel.shard_rows((batch["x"], batch["mask"]), mesh)
+        p, lg, a, br = (parallel.to_host(o) for o in forward(params, *xm))
+      for j, i in enumerate(idx):
+        n = int(sizes[i])
+        results[i] = (np.asarray(p[j], np.float64), np.asarray(lg[j], np.float32),
+                      np.asarray(a[j, :n], np.float32), np.asarray(br[j, :n], np.float32))
+  probs = np.stack([r[0] for r in results])
+  logits = np.stack([r[1] for r in results])
+  branches = [r[3] for r in results]
+  if num_classes == 2:
+    prob = probs[:, ABNORMAL]
+    pred = (prob >= metrics.THRESHOLD).astype(np.int64)
+    attn = [r[2] for r in results]
+  else:
+    pred = probs.argmax(-1).astype(np.int64)
+    prob = probs[np.arange(len(bags)), pred]
+    attn = [br[:, c] if br.shape[1] == num_classes else r[2] for br, c, r in zip(branches, pred, results)]
   labels = [b.get("label") for b in bags]
   logp = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
   ce = np.asarray([-logp[i, int(y)] if y is not None else np.nan for i, y in enumerate(labels)])
-  return {"prob": prob, "pred": (prob >= metrics.THRESHOLD).astype(np.int64), "logits": logits,
+  return {"prob": prob, "pred": pred, "probs": probs, "logits": logits,
           "attention": attn, "attention_branches": branches, "ce": ce}
 
 
 def split_metrics(bags: Sequence[Bag], pred: dict[str, Any]) -> dict[str, float]:
-  """Bag-level loss, AUC, accuracy and F1 of ``predict`` output for labelled bags."""
+  """Bag-level loss, AUC, accuracy and F1 of ``predict`` output for labelled bags.
+
+  Two classes: abnormal-class AUC and F1. More: macro one-vs-rest AUC (over the classes
+  where it is defined) and macro F1 (``metrics.class_metrics``).
+  """
   if not bags:
     nan = float("nan")
     return {"loss": nan, "auc": nan, "accuracy": nan, "f1": nan}
+  num_classes = pred["probs"].shape[1]
+  if num_classes > 2:
+    m = metrics.class_metrics([b["label"] for b in bags], pred["probs"], num_classes)
+    return {"loss": float(np.mean(pred["ce"])), "auc": m["macro_auc"], "accuracy": m["accuracy"],
+            "f1": m["macro_f1"]}
   m = metrics.bag_metrics([b["label"] for b in bags], pred["prob"])
   return {"loss": float(np.mean(pred["ce"])), "auc": m["auc"], "accuracy": m["accuracy"],
           "f1": m["f1"]}
@@ -425,17 +488,19 @@ def _better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool
 def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.Array, *,
               length: int | None = None, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              mesh: jax.sharding.Mesh | None = None) -> FitResult:
+              mesh: jax.sharding.Mesh | None = None, num_classes: int = NUM_CLASSES) -> FitResult:
   """Trains the ``mil_cfg.model`` aggregator on ``train`` bags and selects on ``val``.
 
-  Bags are dicts with ``embeddings`` [n, D] float32 and ``label`` 0/1 (and ``id``).
+  Bags are dicts with ``embeddings`` [n, D] float32 and ``label`` (class index < ``num_classes``;
+  0/1 by default) (and ``id``). Each step pads to the ``tier_length`` of its largest bag
+  (at most ``length``), so bags of very different sizes do not all pay for the largest.
   Deterministic for a given ``key``. ``on_epoch`` receives each epoch's record. With
   ``mesh`` the steps and the validation scoring are data-parallel over its devices (see
   the module docstring); every process must call it with the same bags.
   """
   if not train:
     raise UserError("no training bags for MIL")
-  model = make_model(mil_cfg)
+  model = make_model(mil_cfg, num_classes)
   dim = int(train[0]["embeddings"].shape[1])
   length = length or bucket_length(max(b["embeddings"].shape[0] for b in list(train) + list(val)))
   k_init, k_shuffle, k_drop = jax.random.split(key, 3)
@@ -451,7 +516,6 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     batch_sharding = parallel.batch_sharding(mesh) if shard else parallel.replicated(mesh)
   n = len(train)
   steps_per_epoch = int(math.ceil(n / bpe))
-  ebs = eval_batch_size(length, dim)
 
   history: list[dict[str, Any]] = []
   best_key, best_params, best_epoch = None, params, 0
@@ -464,7 +528,8 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     step_losses, step_parts, step_bags = [], [], []
     for s in range(steps_per_epoch):
       idx = perm[s * bpe:(s + 1) * bpe]
-      batch = pad_batch([train[i] for i in idx], length, slots, dim)
+      tier = tier_length(max(train[i]["embeddings"].shape[0] for i in idx), length)
+      batch = pad_batch([train[i] for i in idx], tier, slots, dim)
       if mesh is not None:
         batch = parallel.host_to_global(batch, batch_sharding)
       params, opt_state, loss, parts = step_fn(params, opt_state, batch, k_drop, np.int32(global_step))
@@ -487,7 +552,7 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
       raise UserError(f"MIL training loss became non-finite at epoch {epoch}; lower mil.lr "
                       f"(now {mil_cfg.lr}) or check the embeddings")
     if val:
-      vm = split_metrics(val, predict(model, params, val, length, ebs, forward, mesh))
+      vm = split_metrics(val, predict(model, params, val, length, None, forward, mesh))
       record.update({f"val_{k}": v for k, v in vm.items()})
       cand = _selection_key(vm["auc"], vm["loss"])
       if _better(cand, best_key):
@@ -570,9 +635,17 @@ def load_embedded_bags(workdir: str) -> list[Bag]:
   return bags
 
 
-def _model_meta(mil_cfg: Any, input_dim: int) -> dict[str, Any]:
+def embedded_labels(workdir: str) -> list[str]:
+  """Class names by index from ``embeddings/index.json`` (slides), else ["normal", "abnormal"]."""
+  index = fileio.read_json(os.path.join(workdir, "embeddings", "index.json"))
+  return list(index.get("labels") or ["normal", "abnormal"])
+
+
+def _model_meta(mil_cfg: Any, input_dim: int, labels: Sequence[str] | None = None) -> dict[str, Any]:
   keys = ("model", "hidden_dim", "attention_dim", "n_prototypes", "dropout")
-  return {"input_dim": int(input_dim), "input_mean": None, "input_std": None, **{k: mil_cfg[k] for k in keys}}
+  names = list(labels) if labels else ["normal", "abnormal"]
+  return {"input_dim": int(input_dim), "input_mean": None, "input_std": None, "num_classes": len(names),
+          "labels": names, **{k: mil_cfg[k] for k in keys}}
 
 
 def save_checkpoints(folder: str, fit: FitResult, meta: dict[str, Any]) -> list[int]:
@@ -616,7 +689,7 @@ def load_checkpoint(workdir: str, which: str = "best") -> tuple[Params, dict[str
   raise UserError(f"no {which!r} checkpoint in {folder}")
 
 
-def _write_predictions(folder: str, bags: Sequence[Bag], pred: dict[str, Any]) -> None:
+def _write_predictions(folder: str, bags: Sequence[Bag], pred: dict[str, Any], labels: Sequence[str]) -> None:
   n = np.asarray([b["embeddings"].shape[0] for b in bags], np.int64)
   offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
   fileio.save_npz(
@@ -625,6 +698,7 @@ def _write_predictions(folder: str, bags: Sequence[Bag], pred: dict[str, Any]) -
       split=np.asarray([b["split"] for b in bags], dtype=str),
       label=np.asarray([b["label"] for b in bags], np.int64),
       prob=np.asarray(pred["prob"], np.float64),
+      probs=np.asarray(pred["probs"], np.float64),
       pred=np.asarray(pred["pred"], np.int64),
       logits=np.asarray(pred["logits"], np.float32),
       n_cells=n, offsets=offsets,
@@ -633,16 +707,20 @@ def _write_predictions(folder: str, bags: Sequence[Bag], pred: dict[str, Any]) -
       attention_branches=np.concatenate(pred["attention_branches"]).astype(np.float32))
   fileio.write_json(os.path.join(folder, "predictions.json"), {
       "format": "slamags-mil-predictions/1",
-      "attention": "abnormal-class attention per cell, in the bag's cell order; sums to 1 per bag",
+      "labels": list(labels),
+      "probs": "class probabilities per bag, in the order of labels",
+      "attention": ("ranking attention per cell, in the bag's cell order; sums to 1 per bag: the abnormal "
+                    "class's for two classes, the called class's (PAMIL) for more"),
       "attention_branches": ("every attention branch per cell [cells, A]: ABMIL A = 1 (the ranking "
-                             "branch), PAMIL A = 2 (normal, abnormal class)"),
+                             "branch), PAMIL A = number of classes (one per class, in label order)"),
       "bags": [{"id": b["id"], "split": b["split"], "label": b["label"], "n": int(n[i]),
-                "prob": float(pred["prob"][i]), "pred": int(pred["pred"][i])}
+                "prob": float(pred["prob"][i]), "pred": int(pred["pred"][i]),
+                "probs": [float(x) for x in pred["probs"][i]]}
                for i, b in enumerate(bags)]})
 
 
 def load_predictions(workdir: str) -> list[dict[str, Any]]:
-  """Per bag: id, split, label, prob, pred, cell_ids [n], attention [n], attention_branches."""
+  """Per bag: id, split, label, prob, probs [C], pred, cell_ids [n], attention [n], attention_branches."""
   path = os.path.join(workdir, "mil", "predictions.npz")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: run the mil stage first")
@@ -653,6 +731,7 @@ def load_predictions(workdir: str) -> list[dict[str, Any]]:
     lo, hi = int(d["offsets"][i]), int(d["offsets"][i + 1])
     out.append({"id": str(bag_id), "split": str(d["split"][i]), "label": int(d["label"][i]),
                 "prob": float(d["prob"][i]), "pred": int(d["pred"][i]),
+                "probs": d["probs"][i] if "probs" in d else np.asarray([1 - d["prob"][i], d["prob"][i]]),
                 "cell_ids": d["cell_ids"][lo:hi], "attention": d["attention"][lo:hi],
                 "attention_branches": d["attention_branches"][lo:hi]})
   return out
@@ -674,10 +753,15 @@ def run(cfg: Any, workdir: str) -> None:
   train, val, test = by_split["train"], by_split["val"], by_split["test"]
   if not train:
     raise UserError("no training bags in embeddings/index.json")
+  labels = embedded_labels(workdir)
+  num_classes = len(labels)
   if len({b["label"] for b in train}) < 2:
     raise UserError("the training bags hold one class only; MIL needs negative and positive bags")
+  absent = [labels[c] for c in range(num_classes) if not any(b["label"] == c for b in train)]
+  if absent:
+    raise UserError(f"no training bag has the label(s) {', '.join(map(repr, absent))}; the MIL cannot learn them")
   dim = int(train[0]["embeddings"].shape[1])
-  meta = _model_meta(cfg.mil, dim)
+  meta = _model_meta(cfg.mil, dim, labels)
   if cfg.mil.standardize:
     shift, scale = standardization(train)
     meta.update(input_mean=shift.tolist(), input_std=scale.tolist())
@@ -695,25 +779,25 @@ def run(cfg: Any, workdir: str) -> None:
     if writer:
       fileio.append_jsonl(metrics_path, metrics.json_safe(record))
 
-  fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh)
+  fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh,
+                  num_classes=num_classes)
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
   ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
 
-  model = make_model(cfg.mil)
+  model = make_model(cfg.mil, num_classes)
   forward = make_forward(model, mesh)
-  ebs = eval_batch_size(length, dim)
-  predict(model, fit.params, test[:1] or train[:1], length, ebs, forward, mesh)  # compile outside timing
+  predict(model, fit.params, test[:1] or train[:1], length, None, forward, mesh)  # compile outside timing
   t0 = time.perf_counter()
-  test_pred = predict(model, fit.params, test, length, ebs, forward, mesh)
+  test_pred = predict(model, fit.params, test, length, None, forward, mesh)
   infer_s = time.perf_counter() - t0
-  preds = {"train": predict(model, fit.params, train, length, ebs, forward, mesh),
-           "val": predict(model, fit.params, val, length, ebs, forward, mesh), "test": test_pred}
+  preds = {"train": predict(model, fit.params, train, length, None, forward, mesh),
+           "val": predict(model, fit.params, val, length, None, forward, mesh), "test": test_pred}
   ordered = train + val + test
-  merged = {k: np.concatenate([preds[s][k] for s in SPLITS]) for k in ("prob", "pred", "logits")}
+  merged = {k: np.concatenate([preds[s][k] for s in SPLITS]) for k in ("prob", "pred", "probs", "logits")}
   for k in ("attention", "attention_branches"):
     merged[k] = [a for s in SPLITS for a in preds[s][k]]
   if writer:
-    _write_predictions(out, ordered, merged)
+    _write_predictions(out, ordered, merged, labels)
 
   best_rec = next((r for r in fit.history if r["epoch"] == fit.best_epoch), {})
   summary = {
@@ -722,7 +806,10 @@ def run(cfg: Any, workdir: str) -> None:
       "seed": cfg.seed, "epochs": int(cfg.mil.epochs), "bags_per_step": int(cfg.mil.bags_per_step),
       "lr": float(cfg.mil.lr), "padded_length": length,
       "n_bags": {s: len(by_split[s]) for s in SPLITS},
-      "n_pos_bags": {s: int(sum(b["label"] for b in by_split[s])) for s in SPLITS},
+      "n_pos_bags": {s: int(sum(b["label"] == ABNORMAL for b in by_split[s])) for s in SPLITS},
+      "labels": labels,
+      "n_bags_per_label": {s: [int(sum(b["label"] == c for b in by_split[s])) for c in range(num_classes)]
+                           for s in SPLITS},
       "best_epoch": fit.best_epoch, "selection": fit.selection,
       "no_validation": not val, "standardized": bool(cfg.mil.standardize),
       "val_at_best": {k[4:]: best_rec.get(k) for k in ("val_loss", "val_auc", "val_accuracy", "val_f1")},

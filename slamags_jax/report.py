@@ -537,6 +537,11 @@ def run(cfg: Any, workdir: str) -> None:
   if os.path.exists(marker):
     os.unlink(marker)
   manifest = bags_lib.load_manifest(workdir)
+  if manifest.get("source") == "slides":  # the user's slides: per-class metrics, no simulation
+    from slamags_jax import report_slides  # pylint: disable=g-import-not-at-top
+    report_slides.run(cfg, workdir, manifest, out)
+    parallel.sync("report: written")
+    return
   mil_summary = _read_json_if(os.path.join(workdir, "mil", "summary.json"))
   if mil_summary is None:
     raise UserError(f"{os.path.join(workdir, 'mil', 'summary.json')} not found: run the mil stage first")

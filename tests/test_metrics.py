@@ -122,3 +122,19 @@ def test_topk_found_curve_matches_topk_found_for_every_k():
   # Hand case: [0.9 (n), 0.5 (w), 0.5 (n), 0.5 (n), 0.1 (w)] -> 0, 1/3, 2/3, 1, 2.
   assert metrics.topk_found_curve([0.9, 0.5, 0.5, 0.5, 0.1], [0, 1, 0, 0, 1]) == pytest.approx(
       [0, 1 / 3, 2 / 3, 1, 2])
+
+
+def test_class_metrics_per_class_auc_macro_f1_and_confusion():
+  y = [0, 0, 1, 1, 2, 2]
+  p = np.array([[.8, .1, .1], [.4, .5, .1], [.1, .8, .1], [.2, .7, .1], [.1, .2, .7], [.5, .1, .4]])
+  m = metrics.class_metrics(y, p, 3)
+  assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  f1 = [2 / 4, 2 * 2 / (2 + 3), 2 / 3]  # 2TP / (2TP + FP + FN) per class
+  assert [c["f1"] for c in m["per_class"]] == pytest.approx(f1)
+  assert m["macro_f1"] == pytest.approx(np.mean(f1))
+  for c in range(3):
+    assert m["per_class"][c]["auc"] == pytest.approx(metrics.roc_auc((np.array(y) == c).astype(int), p[:, c]))
+  assert m["macro_auc"] == pytest.approx(np.mean([c["auc"] for c in m["per_class"]]))
+  absent = metrics.class_metrics([0, 0, 1], p[:3], 3)  # class 2 absent: its AUC is undefined, skipped
+  assert np.isnan(absent["per_class"][2]["auc"]) and np.isfinite(absent["macro_auc"])

@@ -190,3 +190,39 @@ def test_loader_rejects_bad_inputs(tmp_path):
   write_embeddings(str(tmp_path), [bag], 2)
   with pytest.raises(UserError, match="NaN"):
     mil.load_embedded_bags(str(tmp_path))
+
+
+def test_tier_length():
+  assert [mil.tier_length(n, 224) for n in (1, 32, 33, 64, 65, 200)] == [32, 32, 64, 64, 128, 224]
+  assert mil.tier_length(10_001, mil.bucket_length(10_001)) == 10_016  # capped at the largest bag's bucket
+  assert mil.tier_length(5000, 10_016) == 8192
+
+
+def test_multiclass_fit_with_bags_of_very_different_sizes():
+  """Three classes (one marker cell type per non-normal class), bags of 12 and 300 cells; per-class attention."""
+  rng = np.random.default_rng(2)
+  centres = rng.normal(size=(7, 8)) * 2
+  bags = []
+  for i in range(24):
+    y = i % 3
+    n = 12 if (i // 3) % 2 else 300  # every class has small and large bags
+    e = centres[rng.integers(0, 5, n)] + 0.3 * rng.normal(size=(n, 8))
+    if y:
+      e[: max(2, n // 6)] = centres[4 + y] + 0.3 * rng.normal(size=(max(2, n // 6), 8))
+    bags.append({"id": f"b{i}", "label": y, "embeddings": e.astype(np.float32)})
+  cfg = _mil_cfg("pamil", epochs=6, bags_per_step=1, lr=2e-2)
+  fit = mil.train_mil(bags[:18], [], cfg, jax.random.PRNGKey(0), progress=False, num_classes=3)
+  model = mil.make_model(cfg, 3)
+  pred = mil.predict(model, fit.params, bags)
+  assert pred["probs"].shape == (24, 3) and np.allclose(pred["probs"].sum(1), 1.0)
+  assert pred["pred"].tolist() == pred["probs"].argmax(1).tolist()
+  assert [a.shape[0] for a in pred["attention"]] == [b["embeddings"].shape[0] for b in bags]
+  assert all(br.shape[1] == 3 for br in pred["attention_branches"])
+  for a, br, c in zip(pred["attention"], pred["attention_branches"], pred["pred"]):
+    np.testing.assert_array_equal(a, br[:, c])  # ranking attention: the called class's branch
+  assert metrics.class_metrics([b["label"] for b in bags[:18]], pred["probs"][:18], 3)["accuracy"] == 1.0
+  # A small bag scored alone (its own tier) equals it scored with the 300-cell bags.
+  alone = mil.predict(model, fit.params, bags[:1])
+  np.testing.assert_allclose(alone["probs"][0], pred["probs"][0], atol=1e-6)
+  m = mil.split_metrics(bags, pred)
+  assert set(m) == {"loss", "auc", "accuracy", "f1"} and np.isfinite(m["auc"])
