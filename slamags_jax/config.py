@@ -138,6 +138,7 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),
+    Field("pretrain.start_over_if_damaged", False, "On resume, when checkpoints exist but none restores (damaged files; each is named in a warning and moved to `pretrain/damaged_checkpoints/`), start pretraining afresh instead of stopping with an error.", None),
     Field("pretrain.max_bad_steps", 5, "Stop with an error after this many consecutive steps with non-finite loss or gradients (each is skipped).", _INT_POS),
     Field("pretrain.probe_cells", 256, "Fixed probe cells for the per-epoch collapse monitor (embedding spread and effective rank); 0 disables it.", _INT_NONNEG),
     # -- embedding --
