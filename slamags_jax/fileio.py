@@ -143,19 +143,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
   """
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
   line = to_json_line(record)
-  with open(path, "ab+") as f:
-    if f.tell() > 0:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b"\n":
-        line = "\n" + line
-    try:
+  try:
+    with open(path, "ab+") as f:
+      if f.tell() > 0:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          line = "\n" + line
       f.write(line.encode("utf-8"))
       f.flush()
       os.fsync(f.fileno())
-    except OSError as e:
-      if e.filename is None and e.errno:
-        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
-      raise
+  except OSError as e:
+    if e.filename is None and e.errno:  # a failed write() names no file: name it
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
