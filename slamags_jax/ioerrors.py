@@ -40,6 +40,16 @@ def _from_status_text(text: str) -> tuple[int, str | None] | None:
   return code, paths[-1] if paths else None
 
 
+def mentions_os_error(text: str) -> bool:
+  """True for library text about a failed file operation (tensorstore's status with an OS error code).
+
+  ``main`` keeps such log records (orbax's background save thread logs its failure with
+  a traceback before the exception reaches the caller) out of the log: the run ends with
+  the one ``error:`` line that says the same.
+  """
+  return _CODE.search(text) is not None
+
+
 def describe(exc: BaseException) -> str | None:
   """"<strerror> (<ENAME>, errno N): <path>" for an I/O failure in ``exc`` or its causes, else None.
 

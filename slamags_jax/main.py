@@ -203,7 +203,17 @@ class _QuietLibraries(pylogging.Filter):
   NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
 
   def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.levelno >= pylogging.ERROR and _library_io_failure(record):
+      return False  # the run ends with one `error:` line naming the path and errno
     return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
+def _library_io_failure(record: pylogging.LogRecord) -> bool:
+  """An orbax / asyncio record about a failed write (tensorstore's OS error code in it or its exception)."""
+  if not any(s in record.pathname for s in _QuietLibraries.NOISY + (f"{os.sep}asyncio{os.sep}",)):
+    return False
+  text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] else "")
+  return ioerrors.mentions_os_error(text)
 
 
 def _enable_compilation_cache() -> None:
