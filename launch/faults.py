@@ -170,43 +170,54 @@ def _report_md(path: str) -> str:
     return "".join(line for line in f if "wall time" not in line)
 
 
+def _raw(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _loader(name: str):
+  if name.endswith(".npz"):
+    return _npz
+  if name.endswith(".jsonl"):
+    return _canon_jsonl
+  if name.endswith(".json"):
+    return _canon_json
+  if name.endswith("report.md"):
+    return _report_md
+  return _raw
+
+
 def compare(ref: str, work: str) -> tuple[int, list[str]]:
-  """(outputs compared, the ones that differ) between two workdirs of the same command."""
-  from slamags_jax import checkpoints, mil  # pylint: disable=g-import-not-at-top
-  checks: list[tuple[str, object]] = []
+  """(outputs compared, the ones that differ) between two workdirs of the same command.
 
-  def add(name, fn):
-    checks.append((name, fn))
-
-  add("bags/manifest.json", lambda p: open(p, "rb").read())
-  add("pretrain/summary.json", _canon_json)
-  add("pretrain/metrics.jsonl", _canon_jsonl)
-  for name in sorted(os.listdir(os.path.join(ref, "embeddings"))):
-    add(f"embeddings/{name}", _npz if name.endswith(".npz") else _canon_json)
-  add("mil/predictions.npz", _npz)
-  add("mil/predictions.json", _canon_json)
-  add("mil/summary.json", _canon_json)
-  add("mil/metrics.jsonl", _canon_jsonl)
-  for name in sorted(os.listdir(os.path.join(ref, "report"))):
-    fn = _report_md if name == "report.md" else _canon_json if name.endswith(".json") else \
-        (lambda p: open(p, "rb").read())
-    add(f"report/{name}", fn)
+  What the reference holds is compared (a run of fewer stages has fewer outputs).
+  """
+  names = ["bags/manifest.json", "pretrain/summary.json", "pretrain/metrics.jsonl", "mil/predictions.npz",
+           "mil/predictions.json", "mil/summary.json", "mil/metrics.jsonl"]
+  for folder in ("embeddings", "report"):
+    if os.path.isdir(os.path.join(ref, folder)):
+      names += [f"{folder}/{n}" for n in sorted(os.listdir(os.path.join(ref, folder)))]
+  names = [n for n in names if os.path.exists(os.path.join(ref, n))]
   compared, differ = 0, []
-  for name, fn in checks:
+  for name in names:
     compared += 1
-    a, b = os.path.join(ref, name), os.path.join(work, name)
+    fn = _loader(name)
     try:
-      va, vb = fn(a), fn(b)
+      va, vb = fn(os.path.join(ref, name)), fn(os.path.join(work, name))
     except (OSError, ValueError) as e:
       differ.append(f"{name} ({type(e).__name__}: {e})")
       continue
-    same = _same_arrays(va, vb) if isinstance(va, dict) else va == vb
-    if not same:
+    if not (_same_arrays(va, vb) if isinstance(va, dict) else va == vb):
       differ.append(name)
   # Arrays of the encoder and of the best and last MIL parameters.
-  trees = {"pretrain/encoder": lambda w: checkpoints.load_encoder(os.path.join(w, "pretrain", "encoder"))}
-  for which in ("best", "last"):
-    trees[f"mil/checkpoints[{which}]"] = lambda w, which=which: mil.load_checkpoint(w, which)[0]
+  trees = {}
+  if os.path.isdir(os.path.join(ref, "pretrain", "encoder")) or os.path.isdir(os.path.join(ref, "mil", "checkpoints")):
+    from slamags_jax import checkpoints, mil  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(ref, "pretrain", "encoder")):
+    trees["pretrain/encoder"] = lambda w: checkpoints.load_encoder(os.path.join(w, "pretrain", "encoder"))
+  if os.path.isdir(os.path.join(ref, "mil", "checkpoints")):
+    for which in ("best", "last"):
+      trees[f"mil/checkpoints[{which}]"] = lambda w, which=which: mil.load_checkpoint(w, which)[0]
   for name, load in trees.items():
     compared += 1
     try:
@@ -424,14 +435,19 @@ def main() -> int:
   for f in result["faults"]:
     key = f"{f['kind']}@{f['landed_in']}"
     by[key] = by.get(key, 0) + 1
+  exits = {}
+  for f in result["faults"]:
+    exits[str(f["rc"])] = exits.get(str(f["rc"]), 0) + 1
   summary = {"command": " ".join(cmd), "seed": args.seed, "faults_injected": len(result["faults"]),
-             "faults_by_kind_and_stage": dict(sorted(by.items())), "attempts": result["attempts"],
+             "faults_by_kind_and_stage": dict(sorted(by.items())), "fault_exit_codes": dict(sorted(exits.items())),
+             "attempts": result["attempts"],
              "campaigns": len(result["campaigns"]), "outputs_compared": compared, "outputs_differing": differ,
              "problems": problems, "cases": cases, "wall_s": round(time.monotonic() - t0, 1),
              "faults": result["faults"], "campaign_results": result["campaigns"]}
   with open(os.path.join(args.root, "faults.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(f"faults injected: {len(result['faults'])} ({', '.join(f'{k} {v}' for k, v in sorted(by.items()))}); "
+        f"exit codes after the fault: {', '.join(f'{k}: {v}' for k, v in sorted(exits.items()))}; "
         f"attempts {result['attempts']}; campaigns {len(result['campaigns'])}; cases "
         f"{sum(1 for c in cases if not c.get('skipped') and not c.get('problems'))}/{len(cases)} ok; "
         f"outputs compared {compared}; differing {differ}; problems {len(problems)}; {summary['wall_s']} s", flush=True)

@@ -135,7 +135,7 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.weight_decay", 1e-4, "Coupled weight decay on all parameters.", _range(0.0)),
     Field("pretrain.warmup_epochs", 0, "Linear warm-up epochs before the cosine decay to 0 (the schedule steps per epoch, as the reference).", _INT_NONNEG),
     Field("pretrain.temperature", 0.07, "Temperature of NT-Xent and of the similarity loss.", _range(0.0, lo_open=True)),
-    Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved).", _INT_POS),
+    Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved, and so is the step at which a SIGTERM or SIGINT stops the run).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),
     Field("pretrain.start_over_if_damaged", False, "On resume, when checkpoints exist but none restores (damaged files; each is named in a warning and moved to `pretrain/damaged_checkpoints/`), start pretraining afresh instead of stopping with an error.", None),
