@@ -85,10 +85,28 @@ def test_disk_full_in_a_stage_is_one_error_line_and_the_rerun_continues(tmp_path
     assert "Traceback" not in r.stderr
     assert sorted(os.listdir(workdir / "bags")) == []  # nothing half-written
     subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)  # space freed
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    cfg = demo.get_config()
+    cfg = _demo_config()
     cfg.stages = "bags"
     main.run(cfg, str(workdir))  # the same run, in this process
     assert fileio.read_json(workdir / "bags" / "manifest.json")["bags"]
+
+
+def test_a_read_only_workdir_is_refused_with_the_errno(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
+  if r.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    cfg = _demo_config()
+    with pytest.raises(main.UserError, match=rf"--workdir {ro} is not writable: Read-only file system \(EROFS\)"):
+      main.run(cfg, str(ro))
+  finally:
+    subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def _demo_config():
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  return demo.get_config()
