@@ -366,6 +366,8 @@ def case_damaged(cmd, work) -> list[str]:
   rc, text = run_to_end(cmd, work, work + ".2.log")
   if rc != 0:
     problems.append(f"rerun exit {rc}: {text[-1500:]}")
+  if "Traceback" in text:
+    problems.append("the rerun printed a traceback")
   if f"{newest} does not restore" not in text or f"checkpoint of step {steps[-2]} of" not in text:
     problems.append(f"the rerun did not name the damaged step {steps[-1]} and resume from {steps[-2]}")
   return problems

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -96,6 +97,35 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   mngr.reload()
 
 
+def _closed_loop_error(exc_type, exc) -> bool:
+  return exc_type is not None and issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Keeps tensorstore's late callbacks of a failed restore from printing tracebacks.
+
+  When one read of an orbax restore fails, orbax closes its event loop while the other
+  reads are still completing; each then fails to post its result (``RuntimeError: Event
+  loop is closed``) and prints a traceback (through ``sys.excepthook`` or
+  ``sys.unraisablehook``). They say nothing the warning does not, so these two hooks
+  drop exactly that error (installed once, process-wide, on the first failed restore).
+  """
+  if getattr(sys.excepthook, "_drops_closed_loop", False):
+    return
+  prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _closed_loop_error(exc_type, exc):
+      prev_except(exc_type, exc, tb)
+
+  def unraisablehook(args):
+    if not _closed_loop_error(args.exc_type, args.exc_value):
+      prev_unraisable(args)
+
+  excepthook._drops_closed_loop = True  # type: ignore[attr-defined]
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: bool = False) -> tuple[int, Any]:
   """(step, state) of the newest checkpoint that restores; (0, None) when there is none.
 
@@ -112,6 +142,7 @@ def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: 
     try:
       state = restore(mngr, step, like_state, None)
     except Exception as e:  # pylint: disable=broad-except  (tensorstore and orbax raise ValueError, OSError, ...)
+      _quiet_closed_loop_callbacks()
       path = os.path.join(os.fspath(mngr.directory), str(step))
       logging.warning("the checkpoint %s does not restore (%s); skipped", path, _short(e))
       damaged.append(step)
