@@ -10,9 +10,9 @@ What it does (the long form of the fault tests; tests/test_faults.py runs a chea
 2. ``--kills N`` faults, seeded: fault i targets stage ``STAGES[i % 5]`` with ``kill -9``
    or SIGTERM (drawn), at a point drawn uniformly within that stage's reference duration
    after this attempt's log says the stage started. Faults are applied one after another
-   to a campaign's workdir (each followed by a rerun of the same command); when a rerun
-   completes, the campaign's outputs are compared with the reference and the next
-   faults go to a fresh workdir. A signal counts as a fault only if the process was
+   to a campaign's workdir (each followed by a rerun of the same command) while their
+   stages are still to run there; then the campaign's last rerun completes, its outputs
+   are compared with the reference and the next faults go to a fresh workdir. A signal counts as a fault only if the process was
    alive to receive it (a planned fault that found the run already done moves, earlier,
    to the next campaign). Every attempt must end by the signal (kill -9: -9; SIGTERM:
    143 in a training loop, -15 elsewhere) or complete (0); anything else is a failure.
@@ -49,6 +49,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 STAGES = ("bags", "pretrain", "embed", "mil", "report")
+MARKERS = {"bags": "bags/manifest.json", "pretrain": "pretrain/summary.json", "embed": "embeddings/index.json",
+           "mil": "mil/summary.json", "report": "report/summary.json"}  # as slamags_jax.main.MARKERS
 TIMING_KEYS = {"wall_s", "images_per_s", "images_per_second", "cells_per_second", "compile_s", "epoch_s", "train_s",
                "train_wall_s", "train_bags_per_s", "train_bags_per_second", "infer_bags_per_s",
                "infer_bags_per_second", "report_wall_s", "pretrain_wall_s", "mil_train_wall_s"}
@@ -246,8 +248,10 @@ def campaigns(cmd: list[str], root: str, ref: str, durations: dict[str, float], 
     done = False
     while not done:
       attempts += 1
-      a = Attempt(cmd, work, f"{work}.attempt{attempts:03d}.log")
       fault = plan[0] if plan else None
+      if fault is not None and os.path.exists(os.path.join(work, MARKERS[fault["stage"]])):
+        fault = None  # its stage is complete here: finish this campaign, the fault goes to a fresh workdir
+      a = Attempt(cmd, work, f"{work}.attempt{attempts:03d}.log")
       if fault is not None:
         t_start = None
         while a.alive():

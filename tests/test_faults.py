@@ -44,3 +44,8 @@ def test_compare_ignores_timing_and_catches_any_other_change(tmp_path):
   shutil.rmtree(os.path.join(work, "bags"))
   n, differ = faults.compare(ref, work)
   assert n == 5 and differ[0].startswith("bags/manifest.json (FileNotFoundError")
+
+
+def test_faults_knows_the_stages_and_markers_of_main():
+  from slamags_jax import config, main
+  assert faults.STAGES == config.STAGES and faults.MARKERS == main.MARKERS
