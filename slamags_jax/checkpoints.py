@@ -9,6 +9,14 @@ mid-save leaves no checkpoint that ``latest_step()`` returns; the manager delete
 leftovers when it opens (``cleanup_tmp_directories``). The newest complete checkpoint is
 restored and the run continues exactly where it was.
 
+A checkpoint that exists but fails to restore (a truncated or missing data file: disk
+trouble, a copy cut short) is named in a warning and moved aside to
+``<workdir>/pretrain/damaged_checkpoints/`` (kept for inspection; the run will save that
+step again); the run resumes from the newest one that restores (``restore_newest``).
+When none restores, that is one ``error:`` line, unless ``pretrain.start_over_if_damaged``
+asks to start over. Damage that still restores (flipped bits in array data) is not
+detected: OCDBT files carry no checksums of the arrays.
+
 ``<workdir>/pretrain/encoder/`` holds the final ``{"params", "batch_stats"}`` that the
 embedding stage (or a user) loads, without the optimizer. It is written the same way
 (temporary folder, then rename), and only before the stage's completion marker.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -59,6 +68,96 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any, data_iter: 
   if data_iter is not None:
     args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   return mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  text = " ".join(f"{type(e).__name__}: {e}".split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves the checkpoints of ``steps`` to ``damaged_checkpoints/`` beside the manager's folder."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top
+  if not steps:
+    return
+  folder = os.path.abspath(os.fspath(mngr.directory))
+  aside = os.path.join(os.path.dirname(folder), "damaged_checkpoints")
+  if parallel.is_writer():
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      src = os.path.join(folder, str(step))
+      dst = os.path.join(aside, str(step))
+      n = 1
+      while os.path.exists(dst):
+        dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      os.replace(src, dst)
+      logging.warning("moved the damaged checkpoint %s to %s", src, dst)
+  parallel.sync("checkpoints: damaged ones set aside")
+  mngr.reload()
+
+
+def _closed_loop_error(exc_type, exc) -> bool:
+  return exc_type is not None and issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Keeps tensorstore's late callbacks of a failed restore from printing tracebacks.
+
+  When one read of an orbax restore fails, orbax closes its event loop while the other
+  reads are still completing; each then fails to post its result (``RuntimeError: Event
+  loop is closed``) and prints a traceback (through ``sys.excepthook`` or
+  ``sys.unraisablehook``). They say nothing the warning does not, so these two hooks
+  drop exactly that error (installed once, process-wide, on the first failed restore).
+  """
+  if getattr(sys.excepthook, "_drops_closed_loop", False):
+    return
+  prev_except, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _closed_loop_error(exc_type, exc):
+      prev_except(exc_type, exc, tb)
+
+  def unraisablehook(args):
+    if not _closed_loop_error(args.exc_type, args.exc_value):
+      prev_unraisable(args)
+
+  excepthook._drops_closed_loop = True  # type: ignore[attr-defined]
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: bool = False) -> tuple[int, Any]:
+  """(step, state) of the newest checkpoint that restores; (0, None) when there is none.
+
+  Checkpoints that fail to restore are named in a warning and set aside. When some
+  exist and none restores, raises ``UserError`` unless ``start_over`` (then the run
+  starts from step 0). Only complete checkpoints are candidates: orbax never lists a
+  ``*.orbax-checkpoint-tmp*`` folder as a step.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from slamags_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  damaged: list[int] = []
+  reasons: list[str] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = restore(mngr, step, like_state, None)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore and orbax raise ValueError, OSError, ...)
+      _quiet_closed_loop_callbacks()
+      path = os.path.join(os.fspath(mngr.directory), str(step))
+      logging.warning("the checkpoint %s does not restore (%s); skipped", path, _short(e))
+      damaged.append(step)
+      reasons.append(f"step {step}: {_short(e, 120)}")
+      continue
+    _set_aside(mngr, damaged)
+    return step, state
+  if damaged and not start_over:
+    raise UserError(f"no checkpoint in {mngr.directory} restores ({'; '.join(reasons)}): remove them, or rerun "
+                    "with --config.pretrain.start_over_if_damaged=true to start pretraining afresh")
+  if damaged:
+    logging.warning("no checkpoint in %s restores; starting pretraining afresh (pretrain.start_over_if_damaged)",
+                    mngr.directory)
+    _set_aside(mngr, damaged)
+  return 0, None
 
 
 def restore_data_iterator(mngr: ocp.CheckpointManager, step: int, data_iter: Any) -> str | None:

@@ -149,9 +149,10 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.similarity_temperature", -1.0, "Temperature of the similarity loss alone (its pull scales with 1 / temperature); -1 uses `pretrain.temperature`, as the authors.", lambda v: None if v == -1 else _range(0.0, lo_open=True)(v)),
     Field("pretrain.balance_task_norms", False, "Rescale each task gradient to the mean task-gradient norm before combining them (`surgery.balance_task_norms`); False as the authors.", None),
     Field("pretrain.surgery_scope", "all", "Parameters the gradient surgery sees: `all` (one vector over every parameter, as the authors) or `shared` (the encoder only; with `model.task_heads=per_task` each head takes its own task's gradient, LibMTL's convention).", _choice("all", "shared")),
-    Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved).", _INT_POS),
+    Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved, and so is the step at which a SIGTERM or SIGINT stops the run).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),
+    Field("pretrain.start_over_if_damaged", False, "On resume, when checkpoints exist but none restores (damaged files; each is named in a warning and moved to `pretrain/damaged_checkpoints/`), start pretraining afresh instead of stopping with an error.", None),
     Field("pretrain.max_bad_steps", 5, "Stop with an error after this many consecutive steps with non-finite loss or gradients (each is skipped).", _INT_POS),
     Field("pretrain.probe_cells", 256, "Fixed probe cells for the per-epoch collapse monitor (embedding spread and effective rank); 0 disables it.", _INT_NONNEG),
     # -- embedding --

@@ -52,9 +52,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno and e.filename is None:
+      raise OSError(e.errno, e.strerror, path) from e  # a failed write() names no file: name it
     raise
   _fsync_dir(folder)
 
@@ -143,14 +145,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
   """
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
   line = to_json_line(record)
-  with open(path, "ab+") as f:
-    if f.tell() > 0:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b"\n":
-        line = "\n" + line
-    f.write(line.encode("utf-8"))
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    with open(path, "ab+") as f:
+      if f.tell() > 0:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          line = "\n" + line
+      f.write(line.encode("utf-8"))
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    if e.filename is None and e.errno:  # a failed write() names no file: name it
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -261,8 +261,17 @@ def _iterate(ds: grain.MapDataset, workers: int) -> grain.DatasetIterator:
     # pytest) they are unparsed, so take their defaults. Under app.run: a no-op.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                              worker_init_fn=_worker_init)
   return iter(it_ds)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """Loading workers ignore Ctrl-C: a terminal sends SIGINT to the whole process group,
+  and the main process alone decides (it saves the step and stops; see ``preemption``)."""
+  del worker_index, worker_count
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _augment_dict(cfg: Any) -> dict[str, float]:

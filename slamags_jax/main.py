@@ -14,11 +14,17 @@ Bad input (unknown config key, bad value, missing path, impossible bag settings)
 with one `error: ...` line on stderr and exit status 2, never a traceback. What can be
 checked without doing any work (the config, the workdir's history, the stages' inputs,
 the data root and class folders) is checked before anything is created or written.
+
+Faults: one run per workdir (a second one gets an `error:` line naming the first, see
+`workdir_lock`); SIGTERM / SIGINT in pretraining or MIL training save the step and exit
+143 / 130 (`preemption`); I/O failures (disk full, read-only, permission denied) are one
+`error:` line with the path and errno (`ioerrors`), exit status 2.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import logging as pylogging
 import os
 import re
@@ -28,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from slamags_jax import config as config_lib
-from slamags_jax import hugepages
+from slamags_jax import hugepages, ioerrors, preemption
 from slamags_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -54,6 +60,7 @@ STAGE_KEYS = {
 # Keys that change how a run goes, not what it produces.
 OPERATIONAL = {"stages", "data.workers", "data.tfds_data_dir", "pretrain.checkpoint_every_steps",
                "pretrain.keep_checkpoints", "pretrain.log_every_steps", "pretrain.max_bad_steps",
+               "pretrain.start_over_if_damaged",
                "embed.batch_size", "report.gallery_bags", "report.gallery_max_cells"}
 
 
@@ -158,27 +165,29 @@ def run(cfg, workdir: str) -> None:
   except OSError as e:
     raise UserError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
   if not os.access(workdir, os.W_OK | os.X_OK):
-    raise UserError(f"--workdir {workdir} is not writable")
+    code = errno.EROFS if os.statvfs(workdir).f_flag & os.ST_RDONLY else errno.EACCES
+    raise UserError(f"--workdir {workdir} is not writable: {os.strerror(code)} ({errno.errorcode[code]})")
   _enable_compilation_cache()
-  from slamags_jax import parallel
+  from slamags_jax import parallel, workdir_lock
   parallel.initialize()
-  if parallel.is_writer():
-    # Temporary files of atomic writes that a kill interrupted: in the stages' folders, and
-    # of config.json (other tools may keep their own files in the workdir itself).
-    stale = fileio.remove_stale_temps(workdir, "config.json")
-    for marker in MARKERS.values():
-      stale += fileio.remove_stale_temps(os.path.join(workdir, os.path.dirname(marker)))
-    for path in stale:
-      logging.info("removed %s, left by a killed write", path)
-    fileio.write_json(os.path.join(workdir, "config.json"), flat)
-  for stage in config_lib.STAGES:
-    if stage not in wanted:
-      continue
-    if _complete(workdir, stage):
-      logging.info("stage %s: already complete in %s, skipped", stage, workdir)
-      continue
-    logging.info("stage %s: running", stage)
-    _stage_fn(stage)(cfg, workdir)
+  with workdir_lock.hold(workdir):  # one run per workdir, taken before anything is written
+    if parallel.is_writer():
+      # Temporary files of atomic writes that a kill interrupted: in the stages' folders, and
+      # of config.json (other tools may keep their own files in the workdir itself).
+      stale = fileio.remove_stale_temps(workdir, "config.json")
+      for marker in MARKERS.values():
+        stale += fileio.remove_stale_temps(os.path.join(workdir, os.path.dirname(marker)))
+      for path in stale:
+        logging.info("removed %s, left by a killed write", path)
+      fileio.write_json(os.path.join(workdir, "config.json"), flat)
+    for stage in config_lib.STAGES:
+      if stage not in wanted:
+        continue
+      if _complete(workdir, stage):
+        logging.info("stage %s: already complete in %s, skipped", stage, workdir)
+        continue
+      logging.info("stage %s: running", stage)
+      _stage_fn(stage)(cfg, workdir)
   report_md = os.path.join(workdir, "report", "report.md")
   if _complete(workdir, "report") and os.path.exists(report_md):
     summary = fileio.read_json(os.path.join(workdir, MARKERS["report"]))
@@ -200,7 +209,17 @@ class _QuietLibraries(pylogging.Filter):
   NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
 
   def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.levelno >= pylogging.ERROR and _library_io_failure(record):
+      return False  # the run ends with one `error:` line naming the path and errno
     return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
+
+
+def _library_io_failure(record: pylogging.LogRecord) -> bool:
+  """An orbax / asyncio record about a failed write (tensorstore's OS error code in it or its exception)."""
+  if not any(s in record.pathname for s in _QuietLibraries.NOISY + (f"{os.sep}asyncio{os.sep}",)):
+    return False
+  text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] else "")
+  return ioerrors.mentions_os_error(text)
 
 
 def _enable_compilation_cache() -> None:
@@ -272,6 +291,16 @@ def main(argv: list[str]) -> None:
     run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _fail(" ".join(str(e).split()))
+  except preemption.Preempted as e:  # the stage saved its progress and logged so
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing half-written (atomic outputs)
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    message = ioerrors.describe(e)  # disk full, read-only, permission denied: not a bug
+    if message is None:
+      raise
+    _fail(message)
 
 
 if __name__ == "__main__":

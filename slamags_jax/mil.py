@@ -92,6 +92,7 @@ from slamags_jax.progress import progress as progress_bar
 from slamags_jax import fileio
 from slamags_jax import metrics
 from slamags_jax import parallel
+from slamags_jax import preemption
 from slamags_jax.errors import UserError
 
 NUM_CLASSES = 2
@@ -485,10 +486,20 @@ def _better(cand: tuple[float, float], best: tuple[float, float] | None) -> bool
   return False
 
 
+class Interrupted(Exception):
+  """``train_mil`` stopped after a step (``stop``): ``trees`` and ``progress`` let it resume exactly."""
+
+  def __init__(self, trees: Any, progress: dict[str, Any]):
+    super().__init__(f"MIL training stopped after step {progress['global_step']}")
+    self.trees, self.progress = trees, progress
+
+
 def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.Array, *,
               length: int | None = None, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              mesh: jax.sharding.Mesh | None = None, num_classes: int = NUM_CLASSES) -> FitResult:
+              mesh: jax.sharding.Mesh | None = None, num_classes: int = NUM_CLASSES,
+              stop: Callable[[int], bool] | None = None,
+              resume: tuple[Any, dict[str, Any]] | None = None) -> FitResult:
   """Trains the ``mil_cfg.model`` aggregator on ``train`` bags and selects on ``val``.
 
   Bags are dicts with ``embeddings`` [n, D] float32 and ``label`` (class index < ``num_classes``;
@@ -497,6 +508,9 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   Deterministic for a given ``key``. ``on_epoch`` receives each epoch's record. With
   ``mesh`` the steps and the validation scoring are data-parallel over its devices (see
   the module docstring); every process must call it with the same bags.
+  Preemption: ``stop(step)`` is asked after every step; True raises ``Interrupted``
+  with the host copies of the training state, and ``resume=(trees, progress)`` from it
+  continues to the same result as an uninterrupted call.
   """
   if not train:
     raise UserError("no training bags for MIL")
@@ -520,13 +534,27 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   history: list[dict[str, Any]] = []
   best_key, best_params, best_epoch = None, params, 0
   train_s, train_bags, global_step = 0.0, 0, 0
-  bar = progress_bar(range(1, int(mil_cfg.epochs) + 1), desc=f"mil[{mil_cfg.model}]", unit="epoch",
+  first_epoch, first_step, partial = 1, 0, None
+  if resume is not None:
+    trees, p = resume
+    params, opt_state, best_params = trees["params"], trees["opt_state"], trees["best_params"]
+    if mesh is not None:
+      params, opt_state, best_params = parallel.replicate((params, opt_state, best_params), mesh)
+    best_key = tuple(p["best_key"]) if p["best_key"] is not None else None
+    best_epoch, history, train_s, train_bags = p["best_epoch"], list(p["history"]), p["train_s"], p["train_bags"]
+    first_epoch, first_step, global_step = p["epoch"], p["step"], p["global_step"]
+    partial = (p["step_losses"], p["step_parts"], p["step_bags"], p["epoch_s"])
+  bar = progress_bar(range(first_epoch, int(mil_cfg.epochs) + 1), desc=f"mil[{mil_cfg.model}]", unit="epoch",
                      disable=not progress, leave=False)
   for epoch in bar:
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, epoch), n))
     t0 = time.perf_counter()
     step_losses, step_parts, step_bags = [], [], []
-    for s in range(steps_per_epoch):
+    s0 = 0
+    if partial is not None:  # the epoch a preempted call stopped in
+      step_losses, step_parts, step_bags = list(partial[0]), list(partial[1]), list(partial[2])
+      s0, t0, partial = first_step, t0 - partial[3], None
+    for s in range(s0, steps_per_epoch):
       idx = perm[s * bpe:(s + 1) * bpe]
       tier = tier_length(max(train[i]["embeddings"].shape[0] for i in idx), length)
       batch = pad_batch([train[i] for i in idx], tier, slots, dim)
@@ -537,6 +565,16 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
       step_losses.append(loss)
       step_parts.append(parts)
       step_bags.append(len(idx))
+      if stop is not None and stop(global_step):
+        losses_host, parts_host = jax.device_get((step_losses, step_parts))
+        raise Interrupted(
+            jax.device_get({"params": params, "opt_state": opt_state, "best_params": best_params}),
+            {"epoch": epoch, "step": s + 1, "global_step": global_step,
+             "best_key": list(best_key) if best_key is not None else None, "best_epoch": best_epoch,
+             "history": history, "train_s": train_s, "train_bags": train_bags,
+             "epoch_s": time.perf_counter() - t0, "step_bags": step_bags,
+             "step_losses": [float(x) for x in losses_host],
+             "step_parts": [{k: float(v) for k, v in d.items()} for d in parts_host]})
     step_losses, step_parts = jax.device_get((step_losses, step_parts))
     epoch_s = time.perf_counter() - t0
     train_s += epoch_s
@@ -737,14 +775,52 @@ def load_predictions(workdir: str) -> list[dict[str, Any]]:
   return out
 
 
+RESUME_FILE = "resume.npz"  # the training state a preempted MIL stage saved (see preemption)
+
+
+def _fingerprint(cfg: Any, workdir: str, length: int) -> str:
+  """What a resume snapshot must have been made from: the MIL settings, the seed and the embeddings."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  with open(os.path.join(workdir, "embeddings", "index.json"), "rb") as f:
+    h.update(f.read())
+  h.update(fileio.to_json({"mil": cfg.mil.to_dict(), "seed": cfg.seed, "length": length}).encode())
+  return h.hexdigest()
+
+
+def _load_resume(path: str, fingerprint: str, mil_cfg: Any, dim: int) -> tuple[Any, dict[str, Any]] | None:
+  """The snapshot of a preempted attempt, when there is one that fits this run; else None (with a warning)."""
+  if not os.path.exists(path):
+    return None
+  model, tx = make_model(mil_cfg), make_optimizer(mil_cfg)
+  p0 = jax.eval_shape(lambda k: init_model(model, k, dim), jax.random.PRNGKey(0))
+  like = {"params": p0, "opt_state": jax.eval_shape(tx.init, p0), "best_params": p0}
+  try:
+    trees, progress = preemption.load_snapshot(path, like)
+  except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign file: MIL is cheap to redo)
+    logging.warning("MIL: the resume snapshot %s does not load (%s: %s); training afresh", path, type(e).__name__, e)
+    return None
+  if progress.get("fingerprint") != fingerprint:
+    logging.warning("MIL: the resume snapshot %s was made from other settings or embeddings; training afresh", path)
+    return None
+  logging.info("MIL: resuming from step %d (epoch %d) of a preempted attempt", progress["global_step"],
+               progress["epoch"])
+  return trees, progress
+
+
 def run(cfg: Any, workdir: str) -> None:
-  """The ``mil`` stage: train, select on val, score every split, write ``<workdir>/mil``."""
+  """The ``mil`` stage: train, select on val, score every split, write ``<workdir>/mil``.
+
+  SIGTERM / SIGINT during training: the state after the current step goes to
+  ``mil/resume.npz`` and the stage stops (exit 143 / 130); the rerun continues from it
+  to the same outputs as an uninterrupted run, then deletes it.
+  """
   t_start = time.perf_counter()
   out = os.path.join(workdir, "mil")
   writer = parallel.is_writer()  # every process trains (sharded steps); process 0 writes
   mesh = parallel.data_mesh()
   os.makedirs(out, exist_ok=True)
-  for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts from scratch
+  for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts afresh (or from resume.npz)
     p = os.path.join(out, stale)
     if writer and os.path.exists(p):
       os.unlink(p)
@@ -779,8 +855,28 @@ def run(cfg: Any, workdir: str) -> None:
     if writer:
       fileio.append_jsonl(metrics_path, metrics.json_safe(record))
 
-  fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh,
-                  num_classes=num_classes)
+  resume_path = os.path.join(out, RESUME_FILE)
+  fingerprint = _fingerprint(cfg, workdir, length)
+  resume = _load_resume(resume_path, fingerprint, cfg.mil, dim)
+  if resume is not None and writer:
+    for record in resume[1]["history"]:  # the epochs logged before the preemption
+      log_epoch(record)
+  guard = preemption.Guard().install()  # SIGTERM / SIGINT: finish the step, save it, stop (exit 143 / 130)
+  try:
+    fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh,
+                    num_classes=num_classes, stop=guard.reached, resume=resume)
+  except Interrupted as e:
+    if writer:
+      preemption.save_snapshot(resume_path, e.trees, {**e.progress, "fingerprint": fingerprint})
+    parallel.sync("mil: resume snapshot written")
+    stop = guard.stop(f"finished MIL step {e.progress['global_step']} (epoch {e.progress['epoch']}) and saved "
+                      f"the training state in {resume_path}")
+    logging.warning("%s", stop)
+    raise stop from None
+  finally:
+    guard.restore()
+  if writer and os.path.exists(resume_path):
+    os.unlink(resume_path)  # training is complete: a rerun of this stage starts afresh
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
   ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
 

@@ -385,7 +385,7 @@ def run(cfg, workdir: str) -> None:
   """
   from absl import logging
   from slamags_jax.progress import progress
-  from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel
+  from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel, preemption
   from slamags_jax.errors import UserError
 
   out_dir = os.path.join(workdir, "pretrain")
@@ -461,7 +461,8 @@ def run(cfg, workdir: str) -> None:
     replicated = parallel.replicated(mesh)
     like = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                   jax.eval_shape(init, key))
-    state = checkpoints.restore(mngr, start, like, None)
+    start, state = checkpoints.restore_newest(mngr, like, start_over=cfg.pretrain.start_over_if_damaged)
+  if start:
     why = checkpoints.restore_data_iterator(mngr, start, data_iter)
     if why is not None:  # e.g. another data.workers: the pipeline can start at any step instead
       logging.warning("the data iterator state of step %d does not fit this pipeline (%s); starting the "
@@ -523,8 +524,9 @@ def run(cfg, workdir: str) -> None:
                       f"step {step}; pretrain.max_bad_steps={cfg.pretrain.max_bad_steps}): stopped; {kept}. "
                       "Check the data, or lower pretrain.lr (with a new --workdir)")
 
+  guard = preemption.Guard().install()  # SIGTERM / SIGINT: finish the step, save it, stop (exit 143 / 130)
   try:
-    pending = None
+    pending, saved = None, start
     for step in range(start + 1, num_steps + 1):
       batch = parallel.global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
@@ -548,9 +550,20 @@ def run(cfg, workdir: str) -> None:
           epoch_losses.clear()
         if last["bad_streak"] == 0 and (step % cfg.pretrain.checkpoint_every_steps == 0 or step == num_steps):
           checkpoints.save(mngr, step, state, data_iter, force=True)
+          saved = step
+      if guard.reached(step):
+        if pending is not None:
+          handle(*pending)
+        if saved != step:
+          checkpoints.save(mngr, step, state, data_iter, force=True)
+        mngr.wait_until_finished()
+        stop = guard.stop(f"finished step {step} of {num_steps} and saved its checkpoint in {mngr.directory}")
+        logging.warning("%s", stop)
+        raise stop
     if pending is not None:
       handle(*pending)
   finally:
+    guard.restore()
     bar.close()
     mngr.close()  # waits for the last asynchronous save
 

@@ -4,8 +4,10 @@ The end-to-end tests run the real CLI in subprocesses on the demo config and sha
 compiled programs through the session's persistent XLA cache (tests/conftest.py):
 
 - kill and resume: an uninterrupted run, a run SIGKILLed after its first checkpoint
-  (mid-save when the timing allows), and the re-run of the same command, which must end
-  with the uninterrupted run's parameters;
+  (mid-save when the timing allows), the re-run of the same command, SIGTERMed after a
+  step (issue #18: it saves that step and exits 143; a second run started meanwhile on
+  the same workdir is refused), and a last re-run, which must end with the
+  uninterrupted run's parameters;
 - non-finite steps: `nan_injected_cli` runs the CLI with `pretrain.train_step` wrapped
   (see there): at step 3 the NT-Xent loss is NaN (its gradients stay finite), at steps 7
   and 8 the positive views are NaN (the network's ReLUs turn the loss finite again, the
@@ -119,9 +121,32 @@ def demo_runs(tmp_path_factory):
   with ocp.CheckpointManager(str(ckpts), options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     after_kill["latest"] = mngr.latest_step()
     after_kill["all"] = list(mngr.all_steps())
-  rc, resumed_err = _cli(DEMO, killed, "resume")
-  assert rc == 0, resumed_err[-3000:]
-  return {"full": full, "killed": killed, "after_kill": after_kill, "resume_log": resumed_err}
+  # The rerun is preempted (SIGTERM) once it has taken a step; meanwhile a second run on
+  # the same workdir is refused. The third run completes.
+  proc = _start(DEMO, killed, "resume")
+  metrics_path = killed / "pretrain" / "metrics.jsonl"
+  intruder = None
+  t0 = time.monotonic()
+  try:
+    while proc.poll() is None and time.monotonic() - t0 < TIMEOUT:
+      if intruder is None and os.path.exists(killed / ".lock") and str(proc.pid) in (killed / ".lock").read_text():
+        intruder = _cli(DEMO, killed, "intruder") + (proc.poll() is None,)
+      steps = [r["step"] for r in fileio.read_jsonl(metrics_path) if r.get("kind") == "step"]
+      if intruder is not None and steps and steps[-1] > after_kill["latest"]:
+        os.kill(proc.pid, signal.SIGTERM)
+        break
+      time.sleep(0.005)
+    preempted_rc = proc.wait(timeout=TIMEOUT)
+  finally:
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+  resumed_err = _read(killed, "resume")
+  after_term = {"rc": preempted_rc, "steps": _steps(killed / "pretrain" / "checkpoints"), "log": resumed_err}
+  rc, final_err = _cli(DEMO, killed, "final")
+  assert rc == 0, final_err[-3000:]
+  return {"full": full, "killed": killed, "after_kill": after_kill, "resume_log": resumed_err,
+          "after_term": after_term, "final_log": final_err, "intruder": intruder}
 
 
 def test_killed_run_resumes_to_the_uninterrupted_parameters(demo_runs):
@@ -144,6 +169,28 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(demo_runs):
   # Orbax's temporary folders of the killed save were cleaned up; the encoder is complete.
   assert not [n for n in os.listdir(killed / "pretrain" / "checkpoints") if not n.isdigit()]
   assert os.path.isdir(killed / "pretrain" / "encoder")
+
+
+def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(demo_runs):
+  """SIGTERM during training: the step is finished and saved, one log line, exit 143."""
+  t = demo_runs["after_term"]
+  assert t["rc"] == 143, t["log"][-3000:]
+  lines = [line for line in t["log"].splitlines() if "SIGTERM received" in line]
+  assert len(lines) == 1, t["log"][-3000:]
+  saved = int(lines[0].split("finished step ")[1].split()[0])
+  assert f"finished step {saved} of 12 and saved its checkpoint in " in lines[0]
+  assert lines[0].endswith("; rerun the same command to continue")
+  assert saved == max(t["steps"]) and "Traceback" not in t["log"] and not _error_lines(t["log"])
+  assert f"resumed pretraining from the checkpoint of step {saved} of 12" in demo_runs["final_log"]
+  # The final parameters equal the uninterrupted run's: test_killed_run_resumes_... checks them.
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(demo_runs):
+  rc, err, first_still_running = demo_runs["intruder"]
+  assert first_still_running, "the first run ended before the second was refused: the test did not race"
+  assert rc == 2 and "Traceback" not in err
+  assert len(_error_lines(err)) == 1
+  assert _error_lines(err)[0].startswith(f"error: workdir {demo_runs['killed']} is in use by pid ")
 
 
 def test_collapse_monitor_is_logged_per_epoch_and_summarised(demo_runs):
@@ -420,6 +467,8 @@ def test_append_after_a_torn_line_starts_a_new_line(tmp_path):
 # Writes that are allowed to bypass fileio: (module, call) -> why.
 _ALLOWED_WRITES = {
     ("report.py", "savefig"): "renders into an in-memory buffer that fileio.write_bytes writes",
+    ("workdir_lock.py", "open"): "the lock file is not an output: it is flocked in place (a rename would "
+                                 "give a second run another file to lock)",
 }
 
 
