@@ -100,7 +100,8 @@ def _authors_tx(cfg, method, steps_per_epoch: int):
   else:
     combine = pretrain.combine_transform(method, cfg.seed)
   schedule = pretrain.lr_schedule(p.lr, p.epochs, p.warmup_epochs, steps_per_epoch)
-  return optax.chain(combine, optax.add_decayed_weights(p.weight_decay), optax.sgd(schedule, momentum=p.momentum)), schedule
+  tx = optax.chain(combine, optax.add_decayed_weights(p.weight_decay), optax.sgd(schedule, momentum=p.momentum))
+  return tx, schedule
 
 
 def _torch_keys(params, stats) -> dict[str, np.ndarray]:
@@ -126,7 +127,8 @@ def compare_method(method_name: str, *, steps: int = 3, pos: int = 8, neg: int =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  from slamags_jax import checkpoints, config as config_lib, export, fileio, models, pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax import checkpoints, export, fileio, models, pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.get_base_config()

@@ -165,9 +165,9 @@ def export(workdir: str, to: str, out: str) -> dict:
   head = torchvision_io.head_to_torch(params)
   head_path = stem + ".head.safetensors"
   torchvision_io.save(head_path, head, {**meta, "part": "head"})
+  layers = "nn.Linear, nn.ReLU(), nn.Linear" + (", nn.Linear" if "3.weight" in head else "")
   files["head"] = {"path": os.path.basename(head_path), "keys": len(head),
-                   "layout": "nn.Sequential(nn.Linear, nn.ReLU(), nn.Linear" + (", nn.Linear)" if "3.weight" in head else ")")
-                   + " state_dict (weights [out, in]); input: the encoder's pooled features"}
+                   "layout": f"nn.Sequential({layers}) state_dict (weights [out, in]); input: the encoder's pooled features"}
 
   mil_summary = _read_json(os.path.join(workdir, "mil", "summary.json"))
   if mil_summary is not None:
