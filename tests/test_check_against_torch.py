@@ -28,7 +28,7 @@ from test_export import fake_run  # noqa: E402
 @pytest.mark.parametrize("method", ["slam_ags", "weaksupcon", "simclr"])
 def test_three_steps_equal_the_authors_pytorch_step(method):
   """Losses to 1e-5, parameters and BN running statistics to 1e-4 relative, over 3 steps (float32)."""
-  r = check.compare_method(method, steps=3, pos=8, neg=8, size=64, width=8, log=lambda *a: None)
+  r = check.compare_method(method, steps=3, pos=8, neg=8, size=64, width=8, lr=1e-4, log=lambda *a: None)
   summary = [{k: s[k] for k in ("step", "loss_err", "param_err", "stat_err", "delta_err", "delta_err_worst_tensor")}
              for s in r["steps"]]
   assert r["ok"], summary
