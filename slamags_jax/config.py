@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -82,6 +83,12 @@ def _positive_triple(v):
   return _triple(v) or (None if all(x > 0 for x in v) else "must be > 0 for each channel")
 
 
+def _init_from(v):
+  if v and not os.path.isfile(v):
+    return "names no file (expected a .safetensors file in torchvision's ResNet layout)"
+  return None
+
+
 _INT_POS = _range(1)
 _INT_NONNEG = _range(0)
 _PROB = _range(0.0, 1.0)
@@ -135,6 +142,7 @@ FIELDS: Sequence[Field] = (
     Field("model.conv_impl", "auto", "Convolution lowering: `xla` (lax.conv), `matmul` (patches x weights), `auto` (matmul on small feature maps, where XLA:CPU convolutions are slow).", _choice("auto", "xla", "matmul")),
     Field("model.dtype", "float32", "Compute dtype of the encoder (parameters stay float32).", _choice("float32", "bfloat16")),
     Field("model.task_heads", "auto", "Projection heads of the two-task methods: `shared` (one head for both tasks, as the authors), `per_task` (a second head of the same shape for the similarity task on the shared encoder; the contrastive task's head is the one embedded), or `auto` (what the method says: `per_task` for the `*_heads` methods, else `shared`).", _choice("auto", "shared", "per_task")),
+    Field("model.init_from", "", "Initialise the encoder from this `.safetensors` file in torchvision's ResNet layout (an ImageNet ResNet18/34/50, or `python -m slamags_jax.export` output); empty: random init. See README, Use with PyTorch.", _init_from),
     Field("model.bn_sync", True, "BatchNorm statistics over the global view batch across devices (True) or per device (False).", None),
     # -- pretraining --
     Field("pretrain.method", "slam_ags", f"Pretraining method: {', '.join('`%s`' % m for m in METHODS)} (see docs/reference in README).", _choice(*METHODS)),

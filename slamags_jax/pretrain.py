@@ -385,7 +385,8 @@ def run(cfg, workdir: str) -> None:
   """
   from absl import logging
   from slamags_jax.progress import progress
-  from slamags_jax import bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel, preemption
+  from slamags_jax import (bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel, preemption,
+                           torchvision_io)
   from slamags_jax.errors import UserError
 
   out_dir = os.path.join(workdir, "pretrain")
@@ -420,7 +421,7 @@ def run(cfg, workdir: str) -> None:
 
   if not method.tasks:  # `random`: the initialised encoder is the result
     tx = make_optimizer(cfg, method, 1)
-    state = create_train_state(model, tx, key, crop)
+    state = torchvision_io.init_state_from(create_train_state(model, tx, key, crop), cfg.model.init_from)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     p = probe(parallel.replicate(variables, mesh))
     collapse_warning(0, p)
@@ -475,7 +476,7 @@ def run(cfg, workdir: str) -> None:
     epoch_losses.extend(r["loss"] for r in kept if r.get("kind") == "step" and not r.get("skipped")
                         and r["epoch"] == start // spe)
   else:
-    state = parallel.replicate(init(key), mesh)
+    state = parallel.replicate(torchvision_io.init_state_from(init(key), cfg.model.init_from), mesh)
     if writer and os.path.exists(metrics_path):
       os.unlink(metrics_path)  # a fresh start: metrics of an earlier, checkpoint-less attempt
 
