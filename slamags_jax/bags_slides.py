@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import os
 import time
 import warnings
@@ -42,6 +41,7 @@ from absl import logging
 
 from slamags_jax import config as config_lib
 from slamags_jax import data as data_lib
+from slamags_jax import fileio
 from slamags_jax.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -53,14 +53,6 @@ def _show(items: Sequence[Any], n: int = 6) -> str:
   items = list(items)
   text = ", ".join(repr(x) if isinstance(x, str) else str(x) for x in items[:n])
   return text + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _read_csv(path: str, what: str, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -329,7 +321,7 @@ def plan(cfg: Any) -> Plan:
     known = {p for ps in images.values() for p in ps}
     cell_labels = read_cell_labels(os.path.abspath(cfg.data.cell_labels_csv), root, known)
   return Plan(root, slides, labels, [n for n in labels if n in negative], images, split_from, cell_labels,
-              _sha256(csv_path))
+              fileio.sha256_file(csv_path))
 
 
 def check(cfg: Any) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import os
 import subprocess
 import sys
@@ -97,14 +96,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
     else:
       out[f"{prefix}{k}"] = np.asarray(v)
   return out
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _data_card(manifest: dict | None) -> dict | None:
@@ -184,7 +175,7 @@ def export(workdir: str, to: str, out: str) -> dict:
                     "layout": "Flax names joined with '.', Flax layouts (Dense kernel [in, out]); "
                               "input_mean/input_std standardise the embeddings first (when present)"}
   for item in files.values():
-    item["sha256"] = _sha256(os.path.join(out_dir, item["path"]))
+    item["sha256"] = fileio.sha256_file(os.path.join(out_dir, item["path"]))
 
   card = {
       "format": "slamags-jax-model-card/1",

@@ -12,6 +12,7 @@ an append after a torn last line starts on a fresh line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -175,3 +176,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
       except json.JSONDecodeError:
         continue
   return out
+
+
+def sha256_file(path: str) -> str:
+  """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (provenance in manifests and model cards)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
