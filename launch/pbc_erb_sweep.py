@@ -90,12 +90,18 @@ REQUIRED_COLUMNS = (
     "pretrain_wall_s", "total_wall_s", "commit", "machine")
 EXTRA_COLUMNS = (
     "settings_hash", "dirty", "stages_run", "invocations", "total_wall_s_all", "earlier_commits", "pretrain_steps",
-    "random_recall_at_k_mean", "random_ap_mean", "mil_best_epoch", "finished_utc", "workdir")
+    "random_recall_at_k_mean", "random_ap_mean", "mil_best_epoch", "finished_utc", "workdir",
+    # Appended later (benchmark.md "Selection"; issue #15): validation-bag scores, the
+    # collapse verdict. Columns only ever grow at the end: an older CSV gets the new header
+    # and empty cells in its old rows on the next append (``migrate_header``).
+    "val_bag_auc", "val_bag_f1", "val_recall_at_k_mean", "val_retrieval_ap_mean", "n_val_bags", "collapsed",
+    "ntxent_over_chance", "final_head_effective_rank")
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 # Copied from report/summary.json as they are.
 _REPORT_KEYS = ("bag_f1", "bag_auc", "bag_accuracy", "topk_k", "topk_found_mean", "recall_at_k_mean",
-                "retrieval_ap_mean", "random_recall_at_k_mean", "random_ap_mean", "mil_best_epoch")
-_PRETRAIN_KEYS = ("final_effective_rank", "conflict_fraction", "mean_task_cosine")
+                "retrieval_ap_mean", "random_recall_at_k_mean", "random_ap_mean", "mil_best_epoch",
+                "val_bag_auc", "val_bag_f1", "val_recall_at_k_mean", "val_retrieval_ap_mean", "n_val_bags")
+_PRETRAIN_KEYS = ("final_effective_rank", "conflict_fraction", "mean_task_cosine", "final_head_effective_rank")
 
 PER_RUN_KEYS = ("seed", "pretrain.method", "bags.witness_rate")  # set by the sweep for each run
 STAGE_MARKERS = main_lib.MARKERS  # stage -> completion marker in a workdir
@@ -322,10 +328,30 @@ def append_row(path: str, row: dict[str, Any]) -> None:
     if not old.strip():
       old = header_line()
     elif old.splitlines()[0] + "\n" != header_line():
-      raise UserError(f"{path}: its header differs from this sweep's columns; write to a new --csv")
+      old = migrate_header(path, old)
     if not old.endswith("\n"):
       old += "\n"
     fileio.write_text(path, old + line)
+
+
+def _header_fields(text: str) -> list[str]:
+  return next(csv.reader(io.StringIO(text.splitlines()[0] + "\n")), [])
+
+
+def _is_older_header(fields: Sequence[str]) -> bool:
+  """An earlier version of ``COLUMNS``: a proper prefix of it (columns only grow at the end)."""
+  return len(REQUIRED_COLUMNS) <= len(fields) < len(COLUMNS) and tuple(fields) == COLUMNS[:len(fields)]
+
+
+def migrate_header(path: str, old: str) -> str:
+  """The CSV text under today's header: each old row padded with empty cells, else ``UserError``."""
+  fields = _header_fields(old)
+  if not _is_older_header(fields):
+    raise UserError(f"{path}: its header differs from this sweep's columns; write to a new --csv")
+  pad = "," * (len(COLUMNS) - len(fields))
+  lines = old.splitlines(keepends=True)
+  body = [ln.rstrip("\r\n") + pad + "\n" for ln in lines[1:] if ln.strip()]
+  return header_line() + "".join(body)
 
 
 def check_header(path: str) -> None:
@@ -334,7 +360,7 @@ def check_header(path: str) -> None:
     return
   with open(path, encoding="utf-8", newline="") as f:
     first = f.readline()
-  if first.strip() and first.rstrip("\r\n") + "\n" != header_line():
+  if first.strip() and first.rstrip("\r\n") + "\n" != header_line() and not _is_older_header(_header_fields(first)):
     raise UserError(f"{path}: its header differs from this sweep's columns; write to a new --csv")
 
 
@@ -434,6 +460,9 @@ def build_row(job: Job, workdir: str, *, digest: str, commit: str, dirty: bool, 
     row[k] = report.get(k)
   for k in _PRETRAIN_KEYS:
     row[k] = pre.get(k)
+  if "collapsed" in pre:
+    row["collapsed"] = int(bool(pre["collapsed"]))
+    row["ntxent_over_chance"] = (pre.get("collapse") or {}).get("ntxent_over_chance")
   ends = [i for i in invocations if i.get("event", "end") == "end"]
   starts = sum(1 for i in invocations if i.get("event") == "start")
   row.update(

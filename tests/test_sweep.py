@@ -211,6 +211,25 @@ def test_csv_append_keeps_old_bytes_and_survives_a_torn_line(tmp_path):
     sweep_lib.check_header(path)
 
 
+def test_append_row_migrates_an_older_header(tmp_path):
+  """A CSV from before the appended columns gets today's header; old rows keep their cells."""
+  path = str(tmp_path / "runs.csv")
+  n_old = sweep_lib.COLUMNS.index("val_bag_auc")  # the columns of the CSVs recorded before issue #15
+  old_cols = sweep_lib.COLUMNS[:n_old]
+  old_row = ["slam_ags", "0.1", "0"] + ["1"] * (n_old - 3)
+  with open(path, "w") as f:
+    f.write(",".join(old_cols) + "\n" + ",".join(old_row) + "\n")
+  sweep_lib.check_header(path)  # accepted: columns only grew at the end
+  new = {c: "" for c in sweep_lib.COLUMNS} | {"method": "simclr", "witness_rate": "0.1", "seed": "1",
+                                                "val_bag_auc": "0.75"}
+  sweep_lib.append_row(path, new)
+  rows = sweep_lib.read_rows(path)
+  assert [r["method"] for r in rows] == ["slam_ags", "simclr"]
+  assert rows[0][old_cols[-1]] == "1" and rows[0]["val_bag_auc"] == "" and rows[1]["val_bag_auc"] == "0.75"
+  with open(path) as f:
+    assert f.readline().rstrip("\n") == ",".join(sweep_lib.COLUMNS)
+
+
 def _row(method, wr, seed, f1, digest="aaaa", dirty="0", **kw):
   r = {c: "" for c in sweep_lib.COLUMNS}
   r.update(method=method, witness_rate=str(wr), seed=str(seed), bag_f1=str(f1), recall_at_k_mean="0.5",
