@@ -47,6 +47,8 @@ BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 DEFAULT_OUT = os.path.join(sweep_lib.REPO, "results", "pbc_erb")
 METHOD_ORDER = sweep_lib.METHODS  # slam_ags first
 HIGHLIGHT = "slam_ags"
+# Methods whose paired differences against every other method are tabulated.
+PAIRED_AGAINST = ("slam_ags", "slam_ags_heads")
 # (CSV column, title, digits) of the aggregated tables, in README order.
 METRICS = (
     ("bag_f1", "Bag F1 (abnormal = positive)", 3),
@@ -59,7 +61,7 @@ METRICS = (
 )
 # Chance level of a metric: the column holding it, and how it is named.
 CHANCE = {"recall_at_k_mean": "random_recall_at_k_mean", "retrieval_ap_mean": "random_ap_mean"}
-PAIRED = ("bag_f1", "recall_at_k_mean", "retrieval_ap_mean")
+PAIRED = ("bag_auc", "bag_f1", "recall_at_k_mean", "retrieval_ap_mean")
 
 SKELETON = f"""# PBC-ERB results, CPU tier
 
@@ -154,12 +156,15 @@ def to_float(text: Any) -> float:
     return math.nan
 
 
-def select(rows: Sequence[dict[str, str]], digest: str | None, include_dirty: bool) -> tuple[list[dict[str, str]], dict[str, Any]]:
-  """Rows of one settings hash (clean unless asked), one per (method, WR, seed): the latest."""
+def select(rows: Sequence[dict[str, str]], digest: str | dict[str, str] | None,
+           include_dirty: bool) -> tuple[list[dict[str, str]], dict[str, Any]]:
+  """Rows of one settings hash (or of each method's chosen hash, a dict), clean unless asked,
+  one per (method, WR, seed): the latest."""
   info: dict[str, Any] = {"other_hashes": Counter(), "dirty_left_out": 0, "duplicates": 0}
   latest: dict[tuple[str, str, int], dict[str, str]] = {}
   for r in rows:
-    if digest is not None and r.get("settings_hash") != digest:
+    want = digest.get(r.get("method", "")) if isinstance(digest, dict) else digest
+    if digest is not None and r.get("settings_hash") != want:
       info["other_hashes"][r.get("settings_hash", "")] += 1
       continue
     if r.get("dirty", "0") not in ("", "0") and not include_dirty:
@@ -283,7 +288,7 @@ def generated_block(rows: Sequence[dict[str, str]], info: dict[str, Any], *, dig
     skipped.append(f"{info['dirty_left_out']} from uncommitted code (dirty)")
   if info["duplicates"]:
     skipped.append(f"{info['duplicates']} repeated (method, WR, seed) (the latest row kept)")
-  md.append(f"Rows used: {len(rows)} (settings `{digest or 'all'}`)."
+  md.append(f"Rows used: {len(rows)} (settings `{_digest_label(digest)}`)."
             + (f" Left out: {'; '.join(skipped)}." if skipped else "") + "\n")
   if not rows:
     md.append("\nNo runs recorded yet for these settings.\n")
@@ -300,7 +305,8 @@ def generated_block(rows: Sequence[dict[str, str]], info: dict[str, Any], *, dig
               "(witness rate: seeds):\n\n")
     md.extend(f"- `{m}`: {cells_text}\n" for m, cells_text in missing_by_method(missing))
   else:
-    md.append(f"\nEvery protocol cell (6 methods x 5 witness rates) has at least {min_seeds} seeds.\n")
+    md.append(f"\nEvery protocol cell ({len(METHOD_ORDER)} methods x {len(sweep_lib.WITNESS_RATES)} witness rates) "
+              f"has at least {min_seeds} seeds.\n")
 
   if plots:
     md.append("\n### Plots\n\n")
@@ -311,19 +317,17 @@ def generated_block(rows: Sequence[dict[str, str]], info: dict[str, Any], *, dig
     md.append(f"\n### {title}\n\n")
     md.append(metric_table(rows, column, digits))
 
-  md.append("\n### SLAM-AGS minus each other method (paired by seed: same bags)\n\n"
-            "Mean ± std over the seeds both have of (slam_ags − method); positive: SLAM-AGS higher.\n")
-  if HIGHLIGHT in methods:
+  for a in PAIRED_AGAINST:
+    md.append(f"\n### `{a}` minus each other method (paired by seed: same bags)\n\n"
+              f"Mean ± std over the seeds both have of ({a} − method); positive: {a} higher.\n")
+    if a not in methods:
+      md.append(f"\nNo {a} rows.\n")
+      continue
     for column in PAIRED:
       title = next(t for c, t, _ in METRICS if c == column)
-      body = []
-      for m in methods:
-        if m == HIGHLIGHT:
-          continue
-        body.append([f"`{m}`"] + [fmt_ms(*paired_difference(rows, column, HIGHLIGHT, m, w), 3) for w in wrs])
+      body = [[f"`{m}`"] + [fmt_ms(*paired_difference(rows, column, a, m, w), 3) for w in wrs]
+              for m in methods if m != a]
       md.append(f"\n{title}:\n\n" + md_table(["vs"] + [f"WR {pct(w)}" for w in wrs], body))
-  else:
-    md.append("\nNo slam_ags rows.\n")
 
   md.append("\n### Cost\n\n")
   body = []
@@ -350,17 +354,35 @@ def generated_block(rows: Sequence[dict[str, str]], info: dict[str, Any], *, dig
                           for r in mixed) + ".\n")
 
   md.append("\n### Settings of these rows\n\n")
-  if settings:
-    s = settings.get("settings", {})
-    md.append(f"Settings hash `{digest}`: config `{settings.get('config', '?')}`"
-              + (f" with `{' '.join(settings['overrides'])}`" if settings.get("overrides") else "")
-              + f", data `{settings.get('data_root', '?')}`. Per run: `seed`, `pretrain.method`, "
-              "`bags.witness_rate`.\n\n<details><summary>Every result-affecting key</summary>\n\n")
+  per_method = settings if isinstance(digest, dict) else {None: settings}
+  if isinstance(digest, dict):
+    md.append("Each method with the setting it chose on the validation bags (`selection.json`, "
+              "`selection.md`):\n\n")
+    md.append(md_table(["method", "chosen", "settings hash"],
+                       [[f"`{m}`", f"`{' '.join((per_method.get(m) or {}).get('overrides', [])) or '-'}`",
+                         f"`{digest[m]}`"] for m in methods if m in digest]))
+    md.append("\n")
+  first = next((v for v in per_method.values() if v), None)
+  if first:
+    s = first.get("settings", {})
+    varying = sorted({k for v in per_method.values() if v for k, x in v.get("settings", {}).items() if s.get(k) != x})
+    label = f"`{digest}`" if not isinstance(digest, dict) else "of every method"
+    md.append(f"Settings {label}: config `{first.get('config', '?')}`"
+              + (f" with `{' '.join(first['overrides'])}`" if first.get("overrides") and not isinstance(digest, dict)
+                 else "")
+              + f", data `{first.get('data_root', '?')}`. Per run: `seed`, `pretrain.method`, `bags.witness_rate`."
+              + (f" Differing between methods: {', '.join(f'`{k}`' for k in varying)} (shown for "
+                 f"`{next(m for m, v in per_method.items() if v is first)}`)." if varying else "")
+              + "\n\n<details><summary>Every result-affecting key</summary>\n\n")
     md.append(md_table(["key", "value"], [[f"`{k}`", f"`{v}`"] for k, v in sorted(s.items())]))
     md.append("\n</details>\n")
   else:
     md.append(f"`settings/{digest}.json` not found.\n")
   return "".join(md)
+
+
+def _digest_label(digest: str | dict[str, str] | None) -> str:
+  return "per method, selection.json" if isinstance(digest, dict) else (digest or "all")
 
 
 def replace_generated(readme: str, block: str) -> str:
@@ -463,6 +485,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for the sweep (repeatable)")
   p.add_argument("--settings-hash", default=None, help="report this settings hash instead of the config's; "
                                                          "'all' mixes every hash (development only)")
+  p.add_argument("--selection", default=None, metavar="JSON",
+                 help="report each method's chosen settings hash from this selection (default: "
+                      "selection.json beside --csv when it exists and neither --set nor --settings-hash is given; "
+                      "'' to use the config's hash)")
   p.add_argument("--include-dirty", action="store_true", help="keep rows from uncommitted code")
   p.add_argument("--min-seeds", type=int, default=3, help="seeds each (method, WR) cell needs (default: 3)")
   p.add_argument("--tuning-table", action="store_true",
@@ -485,8 +511,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(tuning_table(kept, {h: sweep_lib.read_settings(args.csv, h) for h in hashes}))
     return 0
   try:
+    selection = args.selection
+    if selection is None:
+      default = os.path.join(os.path.dirname(os.path.abspath(args.csv)), "selection.json")
+      selection = default if os.path.exists(default) and not args.settings_hash and not args.set else ""
     if args.settings_hash:
       digest = None if args.settings_hash == "all" else args.settings_hash
+    elif selection:
+      import pbc_erb_select as select_lib  # noqa: PLC0415
+      sel = select_lib.load(selection)
+      digest = {m: rec["settings_hash"] for m, rec in sel["methods"].items() if rec.get("chosen")}
     else:
       cfg = sweep_lib.load_config(os.path.abspath(args.config), sweep_lib.parse_set(args.set))
       digest = sweep_lib.settings_hash(sweep_lib.settings_of(cfg))
@@ -506,14 +540,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots = []
     if rows:
       k = sorted({r["topk_k"] for r in rows})
-      n = f"mean ± std over seeds; settings {digest or 'all'}"
+      n = f"mean ± std over seeds; settings {_digest_label(digest)}"
       fileio.write_bytes(os.path.join(out, "f1_vs_wr.png"), wr_figure(
           rows, "bag_f1", "bag F1 on the test bags", f"PBC-ERB (CPU tier): bag F1 against witness rate\n{n}"))
       fileio.write_bytes(os.path.join(out, "recall_vs_wr.png"), wr_figure(
           rows, "recall_at_k_mean", f"recall@K of witnesses (K = {', '.join(k)})",
           f"PBC-ERB (CPU tier): witness recall@K in positive test bags\n{n}"))
       plots = ["f1_vs_wr.png", "recall_vs_wr.png"]
-    settings = sweep_lib.read_settings(args.csv, digest) if digest else None
+    if isinstance(digest, dict):
+      settings = {m: sweep_lib.read_settings(args.csv, h) for m, h in digest.items()}
+    else:
+      settings = sweep_lib.read_settings(args.csv, digest) if digest else None
     block = generated_block(rows, info, digest=digest, settings=settings, min_seeds=args.min_seeds, plots=plots,
                             csv_name=os.path.basename(args.csv))
     fileio.write_text(readme_path, replace_generated(readme, block))

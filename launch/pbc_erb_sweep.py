@@ -3,6 +3,7 @@ r"""Resumable sweep of the PBC-ERB benchmark: (method x witness rate x seed) -> 
   python launch/pbc_erb_sweep.py --methods slam_ags,weaksupcon,pcgrad,simclr,weakly,random \
       --witness-rates 0.1,0.05,0.02,0.01,0.005 --seeds 0,1,2
   python launch/pbc_erb_sweep.py --methods slam_ags --witness-rates 0.1 --seeds 0 --dry-run
+  python launch/pbc_erb_sweep.py --selection results/pbc_erb/selection.json   # the benchmark (see below)
 
 Each run is one subprocess, ``python -m slamags_jax.main --config=<config>
 --workdir=<root>/<hash>/<method>/wr<percent>/seed<seed> --config.pretrain.method=...
@@ -14,6 +15,10 @@ Resuming: a (method, witness rate, seed) already in the CSV with the same settin
 is skipped. A killed sweep is resumed by re-running the same command: the interrupted
 run's workdir still holds its completed stages (skipped by main) and its pretraining
 checkpoint (resumed), so only the missing work is done.
+
+Selection (benchmark.md): ``--selection`` takes the per-method settings chosen on the
+validation bags by ``launch/pbc_erb_select.py``; each method then runs with its own
+overrides, under its own settings hash (checked against the one the selection recorded).
 
 Settings: ``settings_hash`` fingerprints every config value that changes a result (all
 keys except the per-run ones -- seed, method, witness rate -- and main's operational
@@ -566,7 +571,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all six)")
+  p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: every method)")
   p.add_argument("--witness-rates", default=",".join(map(str, WITNESS_RATES)),
                  help="comma list of fractions or percentages, e.g. 0.1,0.05 or 10%%,5%% (default: the five)")
   p.add_argument("--seeds", default="0,1,2", help="comma list (default: 0,1,2)")
@@ -574,6 +579,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, as --config.KEY=VALUE (repeatable); it changes the settings hash "
                       "unless the key is operational")
+  p.add_argument("--selection", default="", metavar="JSON",
+                 help="per-method settings chosen by launch/pbc_erb_select.py (e.g. results/pbc_erb/selection.json): "
+                      "each method runs with its chosen overrides on top of --set")
   p.add_argument("--csv", default=DEFAULT_CSV, help="runs table (default: results/pbc_erb/runs.csv)")
   p.add_argument("--workdir-root", default=DEFAULT_ROOT, help="workdirs go to <root>/<hash>/<method>/wr<%%>/seed<s> "
                                                               "(default: workdirs/pbc_erb)")
@@ -581,6 +589,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--allow-dirty", action="store_true", help="run with uncommitted code; rows get dirty=1")
   p.add_argument("--dry-run", action="store_true", help="print what would run; run and write nothing")
   return p.parse_args(argv)
+
+
+def _groups(methods: Sequence[str], config_path: str, overrides: Sequence[tuple[str, str]],
+            selection: str) -> list[tuple[list[str], list[tuple[str, str]], Any, dict[str, Any], str]]:
+  """(methods, overrides, cfg, settings, digest) per settings hash: one group, or one per method with a selection."""
+  if not selection:
+    cfg = load_config(config_path, overrides)
+    settings = settings_of(cfg)
+    return [(list(methods), list(overrides), cfg, settings, settings_hash(settings))]
+  import pbc_erb_select as select_lib  # noqa: PLC0415  (it imports this module)
+  sel = select_lib.load(selection)
+  out = []
+  for m in methods:
+    chosen, recorded = select_lib.chosen_overrides(sel, m)
+    over = list(overrides) + chosen
+    cfg = load_config(config_path, over)
+    settings = settings_of(cfg)
+    digest = settings_hash(settings)
+    if not overrides and digest != recorded:
+      raise UserError(f"method {m}: the selection was made with settings {recorded}, the config and the chosen "
+                      f"{' '.join(f'{k}={v}' for k, v in chosen)} give {digest} now (the settings changed since: "
+                      "run the selection again)")
+    out.append(([m], over, cfg, settings, digest))
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -596,9 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError("need at least one witness rate and one non-negative seed")
     config_path = os.path.abspath(args.config)
     overrides = parse_set(args.set)
-    cfg = load_config(config_path, overrides)
-    settings = settings_of(cfg)
-    digest = settings_hash(settings)
+    groups = _groups(methods, config_path, overrides, args.selection)
     commit, dirty_paths = git_state(config_path)
     if dirty_paths and not args.allow_dirty and not args.dry_run:
       raise UserError("uncommitted changes in the code or config (results must come from committed code; "
@@ -607,18 +637,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
     return 2
   csv_path, root = os.path.abspath(args.csv), os.path.abspath(args.workdir_root)
-  jobs = plan(methods, witness_rates, seeds)
   machine = "" if args.dry_run else machine_description(args.python)
   if args.dry_run and dirty_paths:
     print(f"warning: uncommitted changes (a real sweep needs --allow-dirty): {', '.join(dirty_paths[:10])}")
   if not args.dry_run:
-    write_settings(csv_path, digest, settings, config_path, cfg, overrides)
+    for _, over, cfg, settings, digest in groups:
+      write_settings(csv_path, digest, settings, config_path, cfg, over)
     print(f"commit {commit}{' (dirty: rows marked dirty=1)' if dirty_paths else ''}; machine: {machine}")
   signal.signal(signal.SIGTERM, _interrupt)  # a killed sweep logs the interrupted run's invocation
+  result, n_jobs = Outcome(), 0
   try:
-    result = sweep(jobs, config_path=config_path, overrides=overrides, csv_path=csv_path, root=root, digest=digest,
-                   commit=commit, dirty=bool(dirty_paths), machine=machine, python=args.python,
-                   dry_run=args.dry_run)
+    # With a selection, seed-major order still holds across methods: one seed of every cell first.
+    for seed_group in ([seeds] if len(groups) == 1 else [[s] for s in seeds]):
+      for group_methods, over, _, _, digest in groups:
+        jobs = plan(group_methods, witness_rates, seed_group)
+        n_jobs += len(jobs)
+        r = sweep(jobs, config_path=config_path, overrides=over, csv_path=csv_path, root=root, digest=digest,
+                  commit=commit, dirty=bool(dirty_paths), machine=machine, python=args.python,
+                  dry_run=args.dry_run)
+        for field in dataclasses.fields(Outcome):
+          getattr(result, field.name).extend(getattr(r, field.name))
   except UserError as e:
     sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
     return 2
@@ -626,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write("interrupted: re-run the same command to resume (completed stages are kept)\n")
     return 130
   if args.dry_run:
-    print(f"dry run: {len(jobs) - len(result.skipped)} would run, {len(result.skipped)} already recorded")
+    print(f"dry run: {n_jobs - len(result.skipped)} would run, {len(result.skipped)} already recorded")
     return 0
   print(f"sweep: {len(result.ran)} ran, {len(result.skipped)} already recorded, {len(result.busy)} left to "
         f"another sweep, {len(result.failed)} failed")

@@ -305,3 +305,75 @@ def test_tuning_table_compares_settings_pooled_over_methods(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[2].startswith("| `aaaa` | pretrain.epochs=2 | 2 (slam_ags, simclr) | 50 / 50 | 0.600 ± 0.000")
   assert lines[3].startswith("| `bbbb` | pretrain.epochs=4 |") and "model.width" not in lines[3]
+
+
+import pbc_erb_select as select_lib  # noqa: E402
+
+
+def _selection_rows(tmp_path):
+  """Two methods x the three grid points at WR 1 % and 10 %, seed 0; settings files beside the CSV."""
+  (tmp_path / "settings").mkdir(exist_ok=True)
+  rows = []
+  # (val AUC at 1 %, at 10 %, val AP) per grid point; test-bag AUC set opposite, so a choice on it would differ.
+  scores = {"slam_ags": ((0.6, 0.9, 0.3), (0.7, 0.9, 0.2), (0.5, 0.5, 0.9)),
+            "simclr": ((0.6, 0.8, 0.2), (0.8, 0.6, 0.4), (0.5, 0.5, 0.1))}
+  for i, (lr,) in enumerate(p[0][1:] for p in select_lib.candidates()):
+    digest = f"h{i}"
+    (tmp_path / "settings" / f"{digest}.json").write_text(json.dumps(
+        {"settings": {"pretrain.lr": float(lr)}, "overrides": [f"pretrain.lr={lr}"]}))
+    for m, per in scores.items():
+      a1, a10, ap = per[i]
+      for wr, auc in ((0.01, a1), (0.1, a10)):
+        rows.append(_row(m, wr, 0, 0.5, digest=digest, val_bag_auc=str(auc), val_retrieval_ap_mean=str(ap),
+                         bag_auc=str(1 - auc)))
+  return rows
+
+
+def test_selection_chooses_on_validation_bags_with_the_tie_rule(tmp_path, capsys):
+  rows = _selection_rows(tmp_path)
+  rows.append(_row("weakly", 0.01, 0, 0.5, digest="h0", val_bag_auc="0.9"))  # WR 10 % missing: no candidate
+  _write_csv(tmp_path / "selection.csv", rows)
+  out = tmp_path / "selection.json"
+  assert select_lib.main(["choose", "--csv", str(tmp_path / "selection.csv"), "--json", str(out),
+                          "--methods", "slam_ags,simclr,weakly"]) == 0
+  sel = json.loads(out.read_text())
+  lrs = [p[0][1] for p in select_lib.candidates()]
+  # slam_ags: mean val AUC 0.75, 0.80, 0.50 -> candidate 1 (candidate 2's best val AP does not matter).
+  assert sel["methods"]["slam_ags"]["chosen"] == [f"pretrain.lr={lrs[1]}"]
+  assert sel["methods"]["slam_ags"]["settings_hash"] == "h1"
+  # simclr: candidates 0 and 1 both at 0.7 mean val AUC: the higher val AP (0.4) wins.
+  assert sel["methods"]["simclr"]["chosen"] == [f"pretrain.lr={lrs[1]}"]
+  assert sel["methods"]["weakly"]["chosen"] is None
+  assert len(sel["methods"]["slam_ags"]["candidates"]) == 3 and sel["methods"]["slam_ags"]["complete"]
+  table = (tmp_path / "selection.md").read_text()
+  assert table.count("**chosen**") == 2 and "no complete candidate" in table
+
+
+def test_sweep_runs_each_method_with_its_chosen_setting(tmp_path, monkeypatch, capsys):
+  config = os.path.join(sweep_lib.REPO, "configs", "pbc_erb.py")
+  digest = lambda lr: sweep_lib.settings_hash(sweep_lib.settings_of(  # noqa: E731
+      sweep_lib.load_config(config, [("pretrain.lr", lr)])))
+  sel = {"methods": {"slam_ags": {"chosen": ["pretrain.lr=0.01"], "settings_hash": digest("0.01")},
+                     "random": {"chosen": ["pretrain.lr=0.003"], "settings_hash": digest("0.003")}}}
+  (tmp_path / "sel.json").write_text(json.dumps(sel))
+  runner = FakeRunner()
+  monkeypatch.setattr(sweep_lib, "run_command", runner)
+  monkeypatch.setattr(sweep_lib, "git_state", lambda path: ("c0ffee", []))
+  monkeypatch.setattr(sweep_lib, "machine_description", lambda python: "test machine")
+  args = ["--methods", "slam_ags,random", "--witness-rates", "0.1", "--seeds", "0,1", "--selection",
+          str(tmp_path / "sel.json"), "--csv", str(tmp_path / "runs.csv"), "--workdir-root", str(tmp_path / "w")]
+  assert sweep_lib.main(args) == 0
+  rows = _rows(tmp_path)
+  assert [(r["method"], r["seed"]) for r in rows] == [("slam_ags", "0"), ("random", "0"), ("slam_ags", "1"),
+                                                      ("random", "1")]  # seed-major across methods
+  assert {r["method"]: r["settings_hash"] for r in rows} == {"slam_ags": digest("0.01"), "random": digest("0.003")}
+  # The results script reports each method's chosen hash (selection.json beside the CSV by default).
+  (tmp_path / "selection.json").write_text(json.dumps(sel))
+  out = tmp_path / "out"
+  assert results_lib.main(["--csv", str(tmp_path / "runs.csv"), "--out", str(out), "--min-seeds", "2"]) == 0
+  text = (out / "README.md").read_text()
+  assert "Rows used: 4 (settings `per method, selection.json`)" in text and "`pretrain.lr=0.01`" in text
+  sel["methods"]["slam_ags"]["settings_hash"] = "stale"
+  (tmp_path / "sel.json").write_text(json.dumps(sel))
+  capsys.readouterr()
+  assert sweep_lib.main(args) == 2 and "run the selection again" in capsys.readouterr().err
