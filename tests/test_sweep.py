@@ -329,7 +329,8 @@ def _selection_rows(tmp_path):
   return rows
 
 
-def test_selection_chooses_on_validation_bags_with_the_tie_rule(tmp_path, capsys):
+def test_selection_chooses_on_validation_bags_with_the_tie_rule(tmp_path, monkeypatch):
+  monkeypatch.setattr(select_lib, "GRID", {"pretrain.lr": ("0.003", "0.01", "0.001")})
   rows = _selection_rows(tmp_path)
   rows.append(_row("weakly", 0.01, 0, 0.5, digest="h0", val_bag_auc="0.9"))  # WR 10 % missing: no candidate
   _write_csv(tmp_path / "selection.csv", rows)
