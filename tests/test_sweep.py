@@ -305,3 +305,12 @@ def test_tuning_table_compares_settings_pooled_over_methods(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[2].startswith("| `aaaa` | pretrain.epochs=2 | 2 (slam_ags, simclr) | 50 / 50 | 0.600 ± 0.000")
   assert lines[3].startswith("| `bbbb` | pretrain.epochs=4 |") and "model.width" not in lines[3]
+
+
+def test_keys_added_later_leave_recorded_settings_hashes_alone():
+  """augment.on_device at False (what every recorded row ran) is not in the settings: their hashes stay."""
+  config = os.path.join(sweep_lib.REPO, "configs", "pbc_erb.py")
+  off = sweep_lib.settings_of(sweep_lib.load_config(config, ()))
+  assert "augment.on_device" not in off
+  on = sweep_lib.settings_of(sweep_lib.load_config(config, (("augment.on_device", "True"),)))
+  assert on.pop("augment.on_device") is True and on == off
