@@ -331,3 +331,25 @@ def test_on_device_augmentation_trains_and_is_deterministic(slam):
   assert _tree_equal(want.params, state.params)
   assert not _tree_equal(jax.device_get(views(_cell_batch(step=4))), runs[0][1])
 
+
+def test_bfloat16_compute_keeps_parameters_statistics_losses_and_surgery_float32(slam):
+  """model.dtype=bfloat16 is the encoder's compute only: the state, the losses and the surgery stay float32.
+
+  Tolerances: on this tiny net (width 4, 16 px, 4 patches, so BatchNorm over 4 values on
+  1x1 maps amplifies rounding) the bf16 pooled features are ~7 % from float32's and the
+  first losses 0.5-5 % (measured); a real bf16 check is launch/bf16_check.py.
+  """
+  bf16 = Setup("slam_ags", dtype=jnp.bfloat16)
+  state = bf16.state(0)
+  grads = pretrain.task_gradients(state.params, state.batch_stats, _batch(0), model=bf16.model, method=bf16.method,
+                                  mean=MEAN, std=STD, temperature=0.07)
+  new, metrics = bf16.step(state, _batch(0))
+  ref, ref_metrics = slam.step(slam.state(0), _batch(0))
+  floats = lambda tree: [x.dtype for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]  # noqa: E731
+  for tree in (new.params, new.batch_stats, new.opt_state, grads):
+    assert set(floats(tree)) == {jnp.dtype(jnp.float32)}
+  assert all(v.dtype in (jnp.float32, jnp.bool_) for v in metrics.values())
+  assert bool(metrics["finite"])
+  assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=5e-2)
+  for k in ("loss/ntxent", "loss/similarity"):
+    assert float(metrics[k]) == pytest.approx(float(ref_metrics[k]), rel=0.1), k
