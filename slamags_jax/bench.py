@@ -5,6 +5,9 @@
   python -m slamags_jax.bench --mode embed --size 48 --batch 256 --steps 10
   python -m slamags_jax.bench --mode mil --bags 48 --bag-size 200 --dim 512 --steps 50
   python -m slamags_jax.bench --mode matmul --matmul-n 2048 --steps 10
+  python -m slamags_jax.bench --mode input --workers 0,1,2 --steps 5
+  python -m slamags_jax.bench --mode input --image-size 250 --crop 224 --batch 256 --cells 512 --workers 1,2,4
+  python -m slamags_jax.bench --mode input --on-device --workers 0
 
 `--mode step` (default) builds the model and a synthetic batch of P positive and N
 negative patches (two views each, S px), compiles the full training step (all views,
@@ -37,13 +40,29 @@ of `--bag-size` cells of `--dim` features) and batched inference, printing
 `train_bags_per_second` and `infer_bags_per_second`. `--mode matmul` times one square
 float32 matmul of side `--matmul-n` and prints its `gflops_per_second`: the machine's
 measured matmul peak, against which the step's GFLOP/s are read.
+
+`--mode input` times the pretraining input pipeline (``input_pipeline.pretrain_data``,
+grain, the views of ``--method``) on a synthetic set of ``--cells`` JPEG cells of
+``--image-size`` px that it writes to a temporary folder: ``--batch`` patches of two
+``--crop`` px views per step, for each worker count of ``--workers`` (``data.workers``;
+0 = in this process), ``--steps`` timed batches after one warm-up batch. By default
+every access decodes its JPEG (``--cache none``: a paper-scale pool is far larger than
+the decoded-cell cache); ``--cache pipeline`` keeps the pipeline's cache. Each entry of
+``results`` has `views_per_second` (2 views per patch) and `views_per_cpu_second`: views
+per second of CPU time used by this process and its workers (Linux ``/proc``; that is,
+views/s per busy core). With ``--on-device`` the host only decodes and resizes
+(``augment.on_device``) and the views are cut by the jitted ``device_augment`` on the
+default device, inside the timed loop; `device_views_per_second` is that augmentation
+alone on a batch already on the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -168,7 +187,8 @@ def bench_embed(a) -> dict:
   from slamags_jax import embed
   cfg = _cfg(a)
   mesh = parallel.data_mesh()
-  batch = max(mesh.size, a.batch - a.batch % mesh.size)
+  batch = 256 if a.batch is None else a.batch
+  batch = max(mesh.size, batch - batch % mesh.size)
   model = models.from_config(cfg)
   variables = parallel.replicate(pretrain.init_variables(model, jax.random.key(a.seed), a.size), mesh)
   fn = embed.make_embed_fn(model, cfg, mesh)
@@ -238,9 +258,125 @@ def bench_matmul(a) -> dict:
           "matmul_ms": round(dt * 1e3, 2), "gflops_per_second": round(2 * n ** 3 / dt / 1e9, 1)}
 
 
+def _synthetic_cells(root: str, n: int, size: int, seed: int) -> dict:
+  """``n`` JPEG cells of ``size`` px under ``root`` and a manifest: half in positive, half in
+  negative training bags. A smooth background and a disc with mild noise, so they decode
+  like cell photographs rather than like noise (which JPEG compresses badly)."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+  cells = []
+  for i in range(n):
+    cls = "pos" if i < n // 2 else "neg"
+    cy, cx, r = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.15, 0.35)
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)[..., None]
+    back = 200 + 30 * np.stack([yy, xx, 1 - yy], axis=-1)
+    img = np.where(disc, rng.uniform(60, 180, 3), back) + rng.normal(0, 6, (size, size, 3))
+    path = f"{cls}/cell_{i:05d}.jpg"
+    os.makedirs(os.path.join(root, cls), exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, path), quality=90)
+    cells.append({"id": i, "path": path, "class": cls, "label": 0, "pool": "train"})
+  half = n // 2
+  bags = [{"id": "train-000", "split": "train", "label": 1, "k": 1, "cells": list(range(half))},
+          {"id": "train-001", "split": "train", "label": 0, "k": 0, "cells": list(range(half, n))}]
+  return {"format": "slamags-bags/1", "root": root, "seed": seed, "cells": cells, "bags": bags}
+
+
+def _cpu_seconds() -> float | None:
+  """CPU time of this process and its live descendants (grain's workers), from Linux ``/proc``."""
+  try:
+    tick = os.sysconf("SC_CLK_TCK")
+    pids, total, i = [os.getpid()], 0.0, 0
+    while i < len(pids):
+      pid, i = pids[i], i + 1
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+      for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+          pids += [int(c) for c in f.read().split()]
+    return total
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _parse_workers(text: str) -> list[int]:
+  try:
+    workers = [int(w) for w in text.split(",") if w.strip()]
+  except ValueError:
+    workers = []
+  if not workers or any(w < 0 or w > 64 for w in workers):
+    raise SystemExit(f"error: --workers must be a comma list of worker counts in 0..64, got {text!r}")
+  return workers
+
+
+def bench_input(a) -> dict:
+  from slamags_jax import device_augment, input_pipeline
+  workers = _parse_workers(a.workers)
+  batch = 32 if a.batch is None else a.batch
+  if not 8 <= a.crop <= a.image_size:
+    raise SystemExit(f"error: --crop must be in 8..--image-size ({a.image_size}), got {a.crop}")
+  if batch < 2 or a.cells < batch:
+    raise SystemExit(f"error: --cells ({a.cells}) must be at least --batch ({batch}) and --batch at least 2")
+  cfg = config_lib.get_base_config()
+  cfg.seed = a.seed
+  cfg.data.image_size, cfg.data.crop_size = a.image_size, a.crop
+  cfg.pretrain.batch_size = batch
+  method = pretrain.METHODS[a.method]
+  steps_per_epoch = a.cells // batch
+  cfg.pretrain.epochs = -(-(a.steps + 1) // steps_per_epoch)
+  mesh = parallel.data_mesh()
+  spec = device_augment.spec_from_config(cfg.augment)
+  augment_fn = jax.jit(lambda b: device_augment.augment_batch(b, seed=a.seed, crop=a.crop, spec=spec,
+                                                             neg_center_view=method.neg_center_view),
+                       in_shardings=(parallel.batch_sharding(mesh),), out_shardings=parallel.batch_sharding(mesh))
+  results, device_vps = [], None
+  with tempfile.TemporaryDirectory(prefix="slamags-bench-input-") as root:
+    manifest = _synthetic_cells(root, a.cells, a.image_size, a.seed)
+    for w in workers:
+      data = input_pipeline.pretrain_data(manifest, cfg, seed=a.seed, neg_center_view=method.neg_center_view,
+                                          multiple_of=mesh.size, workers=w, on_device=a.on_device,
+                                          cache_bytes=0 if a.cache == "none" else None)
+
+      def one(it):
+        b = next(it)
+        if a.on_device:
+          b = jax.block_until_ready(augment_fn(parallel.global_batch(b, mesh)))
+        return b
+
+      it = data.iterator()
+      try:
+        first = one(it)  # warm-up: worker start, first decodes, the augmentation's compile
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        for _ in range(a.steps):
+          one(it)
+        dt, cpu1 = time.perf_counter() - t0, _cpu_seconds()
+      finally:
+        if hasattr(it, "close"):
+          it.close()
+      views = 2 * batch * a.steps
+      cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+      results.append({"workers": w, "batch_ms": round(dt / a.steps * 1e3, 2),
+                      "views_per_second": round(views / dt, 1),
+                      "cpu_s": None if cpu is None else round(cpu, 2),
+                      "views_per_cpu_second": round(views / cpu, 1) if cpu else None})
+      if a.on_device and device_vps is None:  # the device's share alone, on a batch already there
+        cells = parallel.global_batch(data.batch(0), mesh)
+        jax.block_until_ready(augment_fn(cells))
+        device_vps = round(2 * batch / float(np.median(_timed(lambda: augment_fn(cells), a.steps))), 1)
+      del first
+  out = {"mode": "input", "image_size": a.image_size, "crop": a.crop, "batch": batch, "steps": a.steps,
+         "cells": a.cells, "method": a.method, "on_device": a.on_device, "cache": a.cache,
+         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+         "devices": mesh.size, **_host(), "results": results}
+  if a.on_device:
+    out["device_views_per_second"] = device_vps
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--mode", choices=("step", "embed", "mil", "matmul"), default="step")
+  p.add_argument("--mode", choices=("step", "embed", "mil", "matmul", "input"), default="step")
   p.add_argument("--pos", type=int, default=32, help="positive patches per step")
   p.add_argument("--neg", type=int, default=32, help="negative patches per step")
   p.add_argument("--size", type=int, default=64, help="crop size in px")
@@ -253,15 +389,24 @@ def main(argv=None) -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--surgery-overhead", action="store_true",
                  help="also time the same step with summed task gradients, interleaved")
-  p.add_argument("--batch", type=int, default=256, help="[embed] cells per batch")
+  p.add_argument("--batch", type=int, default=None, help="[embed] cells per batch (256); [input] patches per step (32)")
   p.add_argument("--bags", type=int, default=48, help="[mil] training bags")
   p.add_argument("--bag-size", dest="bag_size", type=int, default=200, help="[mil] cells per bag")
   p.add_argument("--dim", type=int, default=512, help="[mil] embedding size")
   p.add_argument("--bags-per-step", dest="bags_per_step", type=int, default=1, help="[mil] bags per step")
   p.add_argument("--mil-model", dest="mil_model", default="pamil", choices=("pamil", "abmil"))
   p.add_argument("--matmul-n", dest="matmul_n", type=int, default=2048, help="[matmul] matrix side")
+  p.add_argument("--image-size", dest="image_size", type=int, default=64, help="[input] cell size in px (paper: 250)")
+  p.add_argument("--crop", type=int, default=56, help="[input] view size in px (paper: 224)")
+  p.add_argument("--cells", type=int, default=96, help="[input] synthetic JPEG cells (at least --batch)")
+  p.add_argument("--workers", default="0", help="[input] comma list of data.workers counts, e.g. 0,1,2,4")
+  p.add_argument("--on-device", dest="on_device", action="store_true",
+                 help="[input] host decodes only; views cut by the jitted device_augment (augment.on_device)")
+  p.add_argument("--cache", choices=("none", "pipeline"), default="none",
+                 help="[input] decode every access (none) or keep the pipeline's decoded-cell cache")
   a = p.parse_args(argv)
-  result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil, "matmul": bench_matmul}[a.mode](a)
+  result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil, "matmul": bench_matmul,
+            "input": bench_input}[a.mode](a)
   print(json.dumps(result))
   sys.stdout.flush()
 

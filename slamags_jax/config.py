@@ -134,6 +134,7 @@ FIELDS: Sequence[Field] = (
     Field("augment.saturation", 0.1, "Colour jitter saturation strength.", _range(0.0)),
     Field("augment.hue", 0.1, "Colour jitter hue strength (at most 0.5).", _range(0.0, 0.5)),
     Field("augment.rot90_p", 0.8, "Probability of a rotation by a random multiple of 90 degrees.", _PROB),
+    Field("augment.on_device", False, "Cut the strong views on the device inside the jitted training step (`device_augment.py`): the host only decodes and resizes the cells (kept in memory). Same distributions as the numpy views (the default and the reference), not the same pixels.", None),
     # -- model --
     Field("model.depth", 18, "ResNet depth (18, 34 or 50), torchvision topology.", _choice(18, 34, 50)),
     Field("model.width", 64, "Channels of the first stage (64 = torchvision); smaller for quick CPU runs.", _range(4)),
@@ -281,13 +282,22 @@ SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_
                   "bags.n_train", "bags.n_test", "bags.train_fraction", "bags.allow_reuse")
 
 
+# Keys added after results were recorded, each with the value that reproduces those
+# results (the behaviour from before the key existed). At that value a key is left out of
+# settings hashes, so rows recorded before it existed stay valid.
+HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False}
+
+
 def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Keys that do not affect a run's result with this config's bag source (for settings hashes).
+  """Keys that do not affect a run's result as this config sets them (for settings hashes).
 
   With the default ``bags.source=simulated`` these are the slides keys, so fingerprints of
-  simulated runs are what they were before the slides source existed.
+  simulated runs are what they were before the slides source existed; and every key of
+  ``HASH_NEUTRAL_DEFAULTS`` at its neutral value.
   """
-  return SLIDES_KEYS if cfg.bags.source == "simulated" else ()
+  flat = flatten(cfg)
+  neutral = tuple(k for k, v in HASH_NEUTRAL_DEFAULTS.items() if k in flat and flat[k] == v)
+  return (SLIDES_KEYS if cfg.bags.source == "simulated" else ()) + neutral
 
 
 def data_seed(cfg: ml_collections.ConfigDict) -> int:

@@ -36,6 +36,12 @@ Pretraining (``pretrain_data``)
 
 Batches are uint8; normalisation (``data.mean`` / ``data.std``) happens on device.
 
+On-device views (``augment.on_device=true``): the rows carry the decoded, resized cell
+(uint8 [S, S, 3]) and its (step, row) instead of the two views, and ``device_augment``
+cuts the views inside the jitted step from keys of the same (seed, step, row); the
+decoded-cell cache then holds up to ``_ON_DEVICE_CACHE_BYTES`` per process, so cells are
+decoded once when the pools fit. Cell choice, epochs, resume and sharding are as above.
+
 Embedding (``embed_data``): every cell referenced by any bag, once, centre-cropped, in
 fixed-size batches padded with ``valid=False`` rows so a jitted embedder compiles once.
 
@@ -65,6 +71,7 @@ from slamags_jax.errors import UserError
 # First words of the keyed seeds (distinct streams of one seed).
 _PERM, _AUG = 11, 12
 _CACHE_BYTES = 256 << 20  # decoded-cell cache per process
+_ON_DEVICE_CACHE_BYTES = 2 << 30  # with augment.on_device: the host's only per-cell work is the decode
 
 
 class CellImages:
@@ -135,8 +142,8 @@ class CellImages:
       return list(pool.map(self.get, cell_ids))
 
 
-def _images_for(manifest: Mapping[str, Any], cfg: Any) -> CellImages:
-  return CellImages(manifest, cfg.data.image_size, cfg.data.source, cfg.data.tfds_data_dir)
+def _images_for(manifest: Mapping[str, Any], cfg: Any, cache_bytes: int = _CACHE_BYTES) -> CellImages:
+  return CellImages(manifest, cfg.data.image_size, cfg.data.source, cfg.data.tfds_data_dir, cache_bytes)
 
 
 def _round_half_up(x: float) -> int:
@@ -173,7 +180,7 @@ class _PretrainRows:
   def __init__(self, images: CellImages, pos_ids: np.ndarray, neg_ids: np.ndarray, *,
                pos_per_step: int, neg_per_step: int, process_index: int, process_count: int,
                steps_per_epoch: int, seed: int, crop: int, augment_cfg: dict[str, float],
-               neg_center_view: bool):
+               neg_center_view: bool, on_device: bool = False):
     self.images = images
     self.pools = (np.asarray(pos_ids, np.int64), np.asarray(neg_ids, np.int64))
     self.per_step = (pos_per_step, neg_per_step)
@@ -185,6 +192,7 @@ class _PretrainRows:
     self.crop = crop
     self.augment_cfg = augment_cfg
     self.neg_center_view = neg_center_view
+    self.on_device = on_device
     self._perms: dict[tuple[int, int, int], np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -226,6 +234,8 @@ class _PretrainRows:
   def __call__(self, index: int) -> dict[str, Any]:
     stream, cell, step, row = self.locate(index)
     img = self.images.get(cell)
+    if self.on_device:  # the views are cut on the device from (seed, step, row)
+      return {"cell": img, "id": cell, "index": np.asarray([step, row], np.int32)}
     rng = np.random.default_rng([self.seed, _AUG, step, row])
     if stream == 1 and self.neg_center_view:
       v0 = augment.center_crop(img, self.crop)
@@ -236,15 +246,21 @@ class _PretrainRows:
 
 
 class _SplitBatch:
-  """Stacks one step's rows into {"pos", "neg", "pos_ids", "neg_ids"}."""
+  """Stacks one step's rows into {"pos", "neg", "pos_ids", "neg_ids"} (+ "pos_index", "neg_index"
+  on-device: ``pos`` / ``neg`` are then the cells, not their views)."""
 
   def __init__(self, n_pos: int):
     self.n_pos = n_pos
 
   def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    views = np.stack([r["views"] for r in rows])
     ids = np.asarray([r["id"] for r in rows], np.int32)
     p = self.n_pos
+    if "cell" in rows[0]:
+      cells = np.stack([r["cell"] for r in rows])
+      index = np.stack([r["index"] for r in rows])
+      return {"pos": cells[:p], "neg": cells[p:], "pos_ids": ids[:p], "neg_ids": ids[p:],
+              "pos_index": index[:p], "neg_index": index[p:]}
+    views = np.stack([r["views"] for r in rows])
     return {"pos": views[:p], "neg": views[p:], "pos_ids": ids[:p], "neg_ids": ids[p:]}
 
 
@@ -285,7 +301,9 @@ class PretrainData:
 
   ``pos_per_step`` / ``neg_per_step`` are global counts per step; each batch holds this
   process's rows: ``pos`` uint8 [pos_per_step / process_count, 2, crop, crop, 3], ``neg``
-  likewise, and ``pos_ids`` / ``neg_ids`` int32 cell ids.
+  likewise, and ``pos_ids`` / ``neg_ids`` int32 cell ids. With ``on_device``, ``pos`` /
+  ``neg`` are the cells, uint8 [rows, S, S, 3], and ``pos_index`` / ``neg_index`` int32
+  [rows, 2] their (step, row in the global batch): ``device_augment.augment_batch``'s input.
   """
 
   steps_per_epoch: int
@@ -297,6 +315,7 @@ class PretrainData:
   workers: int
   dataset: grain.MapDataset  # step -> this process's batch (random access, for tests)
   rows: _PretrainRows
+  on_device: bool = False
 
   def iterator(self, start_step: int = 0) -> grain.DatasetIterator:
     """A grain iterator from ``start_step`` to the end (``get_state`` / ``set_state``)."""
@@ -318,11 +337,15 @@ class PretrainData:
 
 def pretrain_data(manifest: Mapping[str, Any], cfg: Any, *, seed: int, neg_center_view: bool = True,
                   process_index: int = 0, process_count: int = 1, multiple_of: int = 1,
-                  workers: int | None = None) -> PretrainData:
+                  workers: int | None = None, on_device: bool | None = None,
+                  cache_bytes: int | None = None) -> PretrainData:
   """The pretraining pipeline over the manifest's training bags (see module docstring).
 
   ``multiple_of`` (e.g. the global device count) makes ``pos_per_step`` and
   ``neg_per_step`` multiples of it, so each stream shards evenly over the devices.
+  ``on_device`` (default ``augment.on_device``): cells and (step, row) instead of views.
+  ``cache_bytes``: the decoded-cell cache per process (default: by ``on_device``; 0 decodes
+  every access, as a pool far larger than the cache does).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
@@ -339,17 +362,20 @@ def pretrain_data(manifest: Mapping[str, Any], cfg: Any, *, seed: int, neg_cente
         "training patches: lower it or use more or larger training bags")
   num_steps = int(cfg.pretrain.epochs) * steps_per_epoch
   workers = int(cfg.data.workers if workers is None else workers)
+  on_device = bool(cfg.augment.on_device if on_device is None else on_device)
+  if cache_bytes is None:
+    cache_bytes = _ON_DEVICE_CACHE_BYTES if on_device else _CACHE_BYTES
   rows = _PretrainRows(
-      _images_for(manifest, cfg), pos_ids, neg_ids,
+      _images_for(manifest, cfg, cache_bytes), pos_ids, neg_ids,
       pos_per_step=pos_per_step, neg_per_step=neg_per_step,
       process_index=process_index, process_count=process_count,
       steps_per_epoch=steps_per_epoch, seed=int(seed), crop=int(cfg.data.crop_size),
-      augment_cfg=_augment_dict(cfg), neg_center_view=neg_center_view)
+      augment_cfg=_augment_dict(cfg), neg_center_view=neg_center_view, on_device=on_device)
   ds = (grain.MapDataset.range(num_steps * rows.rows)
         .map(rows)
         .batch(rows.rows, drop_remainder=True, batch_fn=_SplitBatch(rows.local[0])))
   return PretrainData(steps_per_epoch, num_steps, pos_per_step, neg_per_step,
-                      len(pos_ids), len(neg_ids), workers, ds, rows)
+                      len(pos_ids), len(neg_ids), workers, ds, rows, on_device)
 
 
 class _EmbedBatch:

@@ -25,6 +25,10 @@ each task makes one forward call over its two views and `models.BatchNorm` keeps
 statistics per view batch (same normalisation, larger convolutions). Running
 statistics are updated in the reference's order (positive, then negative views).
 
+Views on the device (`augment.on_device`): the input batch holds the decoded cells and
+their (step, row), and `augmented_train_step` cuts the views (`device_augment`) inside the
+same jitted program, sharded with the batch; the default takes the numpy views.
+
 Where this project differs from the reference on purpose: batches come from proper
 shuffled epochs (`input_pipeline`), not a window sliding by one image.
 """
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slamags_jax import conv, losses, models, surgery
+from slamags_jax import conv, device_augment, losses, models, surgery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +264,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, method: Method, mea
   metrics["surgery/norm_sum"] = diag.norm_sum
   metrics["surgery/norm_out"] = diag.norm_out
   return new_state, metrics
+
+
+def augmented_train_step(state: TrainState, batch: dict, *, seed: int, crop: int,
+                         augment_spec: device_augment.AugmentSpec, neg_center_view: bool,
+                         **step_kw) -> tuple[TrainState, dict]:
+  """``train_step`` on an on-device input batch (``augment.on_device``): cells and their
+  (step, row) in, the views cut first, in the same jitted program (``device_augment``)."""
+  views = device_augment.augment_batch(batch, seed=seed, crop=crop, spec=augment_spec,
+                                       neg_center_view=neg_center_view)
+  return train_step(state, views, **step_kw)
 
 
 def param_l2(params) -> float:
@@ -480,10 +494,16 @@ def run(cfg, workdir: str) -> None:
     if writer and os.path.exists(metrics_path):
       os.unlink(metrics_path)  # a fresh start: metrics of an earlier, checkpoint-less attempt
 
+  step_kw = dict(model=model, tx=tx, method=method, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                 temperature=cfg.pretrain.temperature, sim_temperature=similarity_temperature(cfg))
+  if data.on_device:  # the views are cut on the device, sharded with the batch
+    step_impl = functools.partial(augmented_train_step, seed=cfg.seed, crop=crop,
+                                  augment_spec=device_augment.spec_from_config(cfg.augment),
+                                  neg_center_view=method.neg_center_view, **step_kw)
+  else:
+    step_impl = functools.partial(train_step, **step_kw)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, method=method, mean=tuple(cfg.data.mean),
-                        std=tuple(cfg.data.std), temperature=cfg.pretrain.temperature,
-                        sim_temperature=similarity_temperature(cfg)),
+      step_impl,
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
       donate_argnums=0, compiler_options=conv.compiler_options())

@@ -43,3 +43,27 @@ def test_surgery_overhead_needs_two_tasks():
   with pytest.raises(SystemExit, match="error:"):
     bench.main(["--pos", "2", "--neg", "2", "--size", "16", "--steps", "1", "--width", "4",
                 "--method", "simclr", "--surgery-overhead"])
+
+
+def test_input_mode_times_the_pipeline_per_worker_count(capsys):
+  out = _run(capsys, "--mode", "input", "--image-size", "20", "--crop", "16", "--batch", "4", "--cells", "8",
+             "--steps", "2", "--workers", "0")
+  assert out["mode"] == "input" and out["on_device"] is False and out["cpus"] >= 1
+  (r,) = out["results"]
+  assert r["workers"] == 0 and r["views_per_second"] > 0
+  assert r["views_per_second"] == pytest.approx(2 * 4 / (r["batch_ms"] / 1e3), rel=1e-2)
+  assert r["views_per_cpu_second"] is None or r["views_per_cpu_second"] > 0
+
+
+def test_input_mode_on_device(capsys):
+  out = _run(capsys, "--mode", "input", "--image-size", "20", "--crop", "16", "--batch", "4", "--cells", "8",
+             "--steps", "2", "--workers", "0", "--on-device")
+  assert out["on_device"] is True and out["device_views_per_second"] > 0
+  assert out["results"][0]["views_per_second"] > 0
+
+
+@pytest.mark.parametrize("args", [["--workers", "1,x"], ["--workers", "-1"], ["--cells", "2", "--batch", "4"],
+                                  ["--crop", "80"]])
+def test_input_mode_bad_flags_are_one_error(args):
+  with pytest.raises(SystemExit, match="error:"):
+    bench.main(["--mode", "input", *args])

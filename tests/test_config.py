@@ -50,3 +50,12 @@ def test_readme_config_table_is_generated_from_the_schema():
   begin, end = "<!-- BEGIN CONFIG TABLE -->\n", "<!-- END CONFIG TABLE -->"
   table = readme[readme.index(begin) + len(begin):readme.index(end)]
   assert table == config.markdown_table(), "README config table is stale: regenerate it with python -m slamags_jax.config"
+
+
+def test_hash_neutral_keys_are_inactive_only_at_their_neutral_value():
+  cfg = config.get_base_config()
+  for key, neutral in config.HASH_NEUTRAL_DEFAULTS.items():
+    assert config.FIELDS_BY_KEY[key].default == neutral  # the default reproduces the recorded results
+    assert key in config.inactive_keys(cfg)
+  cfg.augment.on_device = True
+  assert "augment.on_device" not in config.inactive_keys(cfg)

@@ -203,3 +203,26 @@ def test_embed_data_every_cell_once(manifest):
   assert len(halves[0]) == len(halves[1]) == 5 and halves[0][0]["images"].shape[0] == 8
   got = np.concatenate([h["cell_ids"][h["valid"]] for pair in zip(*halves) for h in pair])
   assert list(got) == used
+
+
+def test_on_device_rows_carry_cells_and_their_step_and_row(manifest):
+  cfg = _cfg(epochs=2)
+  views = ip.pretrain_data(manifest, cfg, seed=4)
+  cells = ip.pretrain_data(manifest, cfg, seed=4, on_device=True)
+  assert cells.on_device and not views.on_device
+  b, v = cells.batch(5), views.batch(5)
+  np.testing.assert_array_equal(b["pos_ids"], v["pos_ids"])  # the same cells as the numpy path
+  np.testing.assert_array_equal(b["neg_ids"], v["neg_ids"])
+  assert b["pos"].shape == (6, 16, 16, 3) and b["neg"].shape == (10, 16, 16, 3) and b["pos"].dtype == np.uint8
+  np.testing.assert_array_equal(b["pos"], ip.full_images(manifest, cfg, b["pos_ids"]))
+  index = np.concatenate([b["pos_index"], b["neg_index"]])
+  assert index.dtype == np.int32
+  np.testing.assert_array_equal(index, np.stack([np.full(16, 5), np.arange(16)], axis=1))
+  # Resume: an iterator started at step s (or restored there) gives the uninterrupted run's rows.
+  ref = _all(cells.iterator())
+  assert_same_batches(_all(cells.iterator(start_step=5)), ref[5:])
+  it = cells.iterator()
+  _all(it, 3)
+  it2 = cells.iterator()
+  it2.set_state(it.get_state())
+  assert_same_batches(_all(it2), ref[3:])

@@ -378,3 +378,12 @@ def test_sweep_runs_each_method_with_its_chosen_setting(tmp_path, monkeypatch, c
   (tmp_path / "sel.json").write_text(json.dumps(sel))
   capsys.readouterr()
   assert sweep_lib.main(args) == 2 and "run the selection again" in capsys.readouterr().err
+
+
+def test_keys_added_later_leave_recorded_settings_hashes_alone():
+  """augment.on_device at False (what every recorded row ran) is not in the settings: their hashes stay."""
+  config = os.path.join(sweep_lib.REPO, "configs", "pbc_erb.py")
+  off = sweep_lib.settings_of(sweep_lib.load_config(config, ()))
+  assert "augment.on_device" not in off
+  on = sweep_lib.settings_of(sweep_lib.load_config(config, (("augment.on_device", "True"),)))
+  assert on.pop("augment.on_device") is True and on == off
