@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# GPU check (issue 19): can this project keep one GPU busy? One short script, one JSON file.
+#
+# Runs, each as one JSON line from python -m slamags_jax.bench (or the PyTorch reference):
+#   1. the pretraining step at the paper tier's size (ResNet18 full width, 224 px, batch
+#      256 = 128 positive + 128 negative patches, SLAM-AGS), float32 and bfloat16;
+#   2. the host input pipeline at paper sizes (250 px JPEG cells -> two 224 px views,
+#      batch 256) with data.workers 0, 2, 4, 8, and the on-device augmentation path;
+#   3. with more than one GPU: the same step on 1 GPU and on all of them (first loss and
+#      parameter norm must agree to float32 rounding; see slamags_jax/bench.py);
+#   4. the PyTorch reference step (launch/bench_torch_reference.py) on the same GPU.
+# Launch:   bash launch/gpu_check.sh                    (on the GPU machine, from a checkout)
+#           OUT=/tmp/out STEPS=10 bash launch/gpu_check.sh
+#           ALLOW_CPU=1 SIZE=32 BATCH=8 IMAGE=40 STEPS=2 WIDTH=8 bash launch/gpu_check.sh   # smoke test on a CPU
+# Produces: $OUT/gpu_check.json: {"commit", "host", "runs": [<one object per bench line>],
+#           "failed": [...]}, and $OUT/gpu_check.log with everything printed. A bench that
+#           fails is named under "failed" and the script goes on (exit 1 at the end).
+# Budget:   about 5 minutes on one H200 after the install (compiles dominate).
+#
+# Environment (defaults):
+#   PYTHON=python3      interpreter that has (or gets) jax with its CUDA plugin
+#   WHEELS=             folder of wheels for what the interpreter lacks (grain, tfds, ...):
+#                       installed with --no-index into /tmp/slamags-site (no network needed)
+#   SKIP_INSTALL=0      1: the interpreter has slamags_jax's dependencies already
+#   OUT=<repo>/workdirs/gpu_check   where the JSON and the log go
+#   STEPS=20  SIZE=224  IMAGE=250  BATCH=256  WIDTH=64  CELLS=1024  WORKERS=0,2,4,8
+#   ALLOW_CPU=0         1: run on whatever JAX sees (a smoke test of this script)
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-}"
+SKIP_INSTALL="${SKIP_INSTALL:-0}"
+OUT="${OUT:-$REPO/workdirs/gpu_check}"
+STEPS="${STEPS:-20}"
+SIZE="${SIZE:-224}"
+IMAGE="${IMAGE:-250}"
+BATCH="${BATCH:-256}"
+WIDTH="${WIDTH:-64}"
+CELLS="${CELLS:-1024}"
+WORKERS="${WORKERS:-0,2,4,8}"
+ALLOW_CPU="${ALLOW_CPU:-0}"
+HALF=$((BATCH / 2))
+
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+LINES="$OUT/lines.jsonl"
+: >"$LOG"
+: >"$LINES"
+FAILED=()
+export PYTHONUNBUFFERED=1
+
+if [[ "$SKIP_INSTALL" != 1 ]]; then
+  if [[ -n "$WHEELS" ]]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/slamags-site "$WHEELS"/*.whl >>"$LOG" 2>&1 || { echo "error: wheel install failed (see $LOG)" >&2; exit 2; }
+    export PYTHONPATH="/tmp/slamags-site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    "$PYTHON" -m pip install -q -e "$REPO" >>"$LOG" 2>&1 || { echo "error: pip install failed (see $LOG)" >&2; exit 2; }
+  fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+cd "$REPO"
+
+# One line on what JAX sees; stop unless it is a GPU (or ALLOW_CPU=1).
+NDEV=$("$PYTHON" - "$ALLOW_CPU" <<'EOF' 2>>"$LOG"
+import sys
+import jax
+d = jax.devices()
+print(f"JAX {jax.__version__} on {jax.default_backend()}: {len(d)} x {d[0].device_kind}", file=sys.stderr)
+if jax.default_backend() != "gpu" and sys.argv[1] != "1":
+  sys.exit("error: JAX sees no GPU (set ALLOW_CPU=1 for a smoke test)")
+print(len(d))
+EOF
+) || { tail -1 "$LOG" >&2; exit 2; }
+tail -1 "$LOG"
+
+# run NAME CMD...: runs a bench, keeps its last line (a JSON object) with "check" = NAME.
+run() {
+  local name="$1"; shift
+  echo "+ [$name] $*" | tee -a "$LOG"
+  local last rc
+  last=$("$@" 2>>"$LOG" | tee -a "$LOG" | tail -1); rc=$?  # pipefail: the bench's own status counts
+  if [[ "$rc" != 0 || "$last" != "{"* ]]; then
+    echo "  [$name] FAILED (see $LOG)"
+    FAILED+=("$name")
+    return
+  fi
+  "$PYTHON" -c 'import json,sys; d=json.loads(sys.argv[2]); d["check"]=sys.argv[1]; print(json.dumps(d))' \
+    "$name" "$last" >>"$LINES"
+  echo "  [$name] ok"
+}
+
+STEP=(-m slamags_jax.bench --mode step --pos "$HALF" --neg "$HALF" --size "$SIZE" --width "$WIDTH" --steps "$STEPS")
+run step_float32 "$PYTHON" "${STEP[@]}" --dtype float32
+run step_bfloat16 "$PYTHON" "${STEP[@]}" --dtype bfloat16
+INPUT=(-m slamags_jax.bench --mode input --image-size "$IMAGE" --crop "$SIZE" --batch "$BATCH" --cells "$CELLS"
+       --steps "$STEPS")
+run input_host "$PYTHON" "${INPUT[@]}" --workers "$WORKERS"
+run input_on_device "$PYTHON" "${INPUT[@]}" --workers 0 --on-device
+if [[ "$NDEV" -gt 1 ]]; then
+  run step_one_device env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${STEP[@]}" --dtype float32
+fi
+if "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>>"$LOG"; then
+  run torch_reference "$PYTHON" launch/bench_torch_reference.py --pos "$HALF" --neg "$HALF" --size "$SIZE" \
+    --width "$WIDTH" --steps "$STEPS" --device cuda
+else
+  echo "  [torch_reference] skipped: no PyTorch with CUDA" | tee -a "$LOG"
+fi
+
+"$PYTHON" - "$LINES" "$OUT/gpu_check.json" "$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)" \
+  "${FAILED[@]}" <<'EOF'
+import json, platform, sys
+lines, out, commit, failed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+runs = [json.loads(l) for l in open(lines) if l.strip()]
+by = {r["check"]: r for r in runs}
+if "step_one_device" in by and "step_float32" in by:
+  a, b = by["step_float32"], by["step_one_device"]
+  by["step_float32"]["vs_one_device"] = {
+      k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-30) for k in ("loss", "param_l2") if k in a and k in b}
+json.dump({"commit": commit, "host": platform.node(), "runs": runs, "failed": failed}, open(out, "w"), indent=1)
+print(f"wrote {out}: {len(runs)} runs, {len(failed)} failed")
+EOF
+rm -f "$LINES"
+[[ ${#FAILED[@]} -eq 0 ]]
