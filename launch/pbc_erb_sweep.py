@@ -19,6 +19,9 @@ checkpoint (resumed), so only the missing work is done.
 Selection (benchmark.md): ``--selection`` takes the per-method settings chosen on the
 validation bags by ``launch/pbc_erb_select.py``; each method then runs with its own
 overrides, under its own settings hash (checked against the one the selection recorded).
+``--reuse-from results/pbc_erb/selection.csv`` copies the selection's runs of the chosen
+settings (seed 0 at WR 1 % and 10 %) instead of running them again: same settings hash,
+same bags, the same run.
 
 Settings: ``settings_hash`` fingerprints every config value that changes a result (all
 keys except the per-run ones -- seed, method, witness rate -- and main's operational
@@ -496,6 +499,34 @@ def plan(methods: Sequence[str], witness_rates: Sequence[float], seeds: Sequence
   return list(dict.fromkeys(Job(m, w, s) for s in seeds for w in witness_rates for m in methods))
 
 
+def take_over(jobs: Sequence[Job], *, csv_path: str, reuse_path: str, digest: str, dry_run: bool,
+              out: Callable[[str], None] = print) -> list[str]:
+  """Copies into ``csv_path`` the clean rows of ``reuse_path`` (e.g. selection.csv) for jobs it lacks.
+
+  A row there with the same (method, witness rate, seed) and settings hash is the same
+  run (same config values, data and bags): the selection's seed-0 runs of the chosen
+  settings need not run again. Returns the labels of the jobs taken over.
+  """
+  warn = lambda m: out(f"warning: {m}")  # noqa: E731
+  done = done_keys(read_rows(csv_path, warn), digest, count_dirty=False)
+  latest = {}
+  for r in read_rows(reuse_path, warn):
+    if r.get("settings_hash") == digest and r.get("dirty", "0") in ("", "0"):
+      with contextlib.suppress(ValueError, KeyError):
+        latest[(r["method"], wr_key(r["witness_rate"]), int(r["seed"]))] = r
+  taken = []
+  for job in jobs:
+    row = latest.get(job.key)
+    if row is None or job.key in done:
+      continue
+    if not dry_run:
+      append_row(csv_path, {c: row.get(c, "") for c in COLUMNS})
+    taken.append(job.label())
+  if taken:
+    out(f"settings {digest}: {len(taken)} run(s) taken over from {_rel(reuse_path)}: {', '.join(taken)}")
+  return taken
+
+
 def sweep(jobs: Sequence[Job], *, config_path: str, overrides: Sequence[tuple[str, str]], csv_path: str,
           root: str, digest: str, commit: str, dirty: bool, machine: str, python: str = sys.executable,
           dry_run: bool = False, out: Callable[[str], None] = print) -> Outcome:
@@ -582,6 +613,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--selection", default="", metavar="JSON",
                  help="per-method settings chosen by launch/pbc_erb_select.py (e.g. results/pbc_erb/selection.json): "
                       "each method runs with its chosen overrides on top of --set")
+  p.add_argument("--reuse-from", default="", metavar="CSV",
+                 help="another runs table (e.g. results/pbc_erb/selection.csv) whose clean rows of the same settings "
+                      "count as done here: they are copied into --csv instead of run again")
   p.add_argument("--csv", default=DEFAULT_CSV, help="runs table (default: results/pbc_erb/runs.csv)")
   p.add_argument("--workdir-root", default=DEFAULT_ROOT, help="workdirs go to <root>/<hash>/<method>/wr<%%>/seed<s> "
                                                               "(default: workdirs/pbc_erb)")
@@ -652,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       for group_methods, over, _, _, digest in groups:
         jobs = plan(group_methods, witness_rates, seed_group)
         n_jobs += len(jobs)
+        if args.reuse_from and not dirty_paths:
+          check_header(csv_path)
+          take_over(jobs, csv_path=csv_path, reuse_path=os.path.abspath(args.reuse_from), digest=digest,
+                    dry_run=args.dry_run)
         r = sweep(jobs, config_path=config_path, overrides=over, csv_path=csv_path, root=root, digest=digest,
                   commit=commit, dirty=bool(dirty_paths), machine=machine, python=args.python,
                   dry_run=args.dry_run)

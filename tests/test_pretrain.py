@@ -113,7 +113,9 @@ def f64():
       return losses.similarity_loss(jnp.stack(zs, axis=1), 0.07)
 
     refs = [jax.jit(jax.value_and_grad(fn))(params) for fn in (ntxent, similarity)]
-    yield setup, state, batch, refs
+  # Yielded outside the context: x64 must not stay on for the module's other tests (the
+  # tests that use this fixture enter it themselves).
+  return setup, state, batch, refs
 
 
 def test_per_task_gradients_equal_grad_of_each_loss_alone(f64):

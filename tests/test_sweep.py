@@ -387,3 +387,24 @@ def test_keys_added_later_leave_recorded_settings_hashes_alone():
   assert "augment.on_device" not in off
   on = sweep_lib.settings_of(sweep_lib.load_config(config, (("augment.on_device", "True"),)))
   assert on.pop("augment.on_device") is True and on == off
+
+
+def test_selection_runs_of_the_chosen_setting_are_taken_over_not_rerun(tmp_path, monkeypatch):
+  config = os.path.join(sweep_lib.REPO, "configs", "pbc_erb.py")
+  digest = sweep_lib.settings_hash(sweep_lib.settings_of(sweep_lib.load_config(config, [("pretrain.lr", "0.01")])))
+  _write_csv(tmp_path / "selection.csv", [_row("slam_ags", 0.1, 0, 0.77, digest=digest, val_bag_auc="0.9"),
+                                          _row("slam_ags", 0.1, 1, 0.5, digest="other")])
+  (tmp_path / "sel.json").write_text(json.dumps(
+      {"methods": {"slam_ags": {"chosen": ["pretrain.lr=0.01"], "settings_hash": digest}}}))
+  runner = FakeRunner()
+  monkeypatch.setattr(sweep_lib, "run_command", runner)
+  monkeypatch.setattr(sweep_lib, "git_state", lambda path: ("c0ffee", []))
+  monkeypatch.setattr(sweep_lib, "machine_description", lambda python: "test machine")
+  args = ["--methods", "slam_ags", "--witness-rates", "0.1", "--seeds", "0,1", "--selection", str(tmp_path / "sel.json"),
+          "--reuse-from", str(tmp_path / "selection.csv"), "--csv", str(tmp_path / "runs.csv"),
+          "--workdir-root", str(tmp_path / "w")]
+  assert sweep_lib.main(args) == 0
+  assert runner.calls == [("slam_ags", 0.1, 1)]  # seed 0 came from the selection; seed 1 (other hash) ran
+  rows = _rows(tmp_path)
+  assert [(r["seed"], r["bag_f1"], r["val_bag_auc"]) for r in rows][0] == ("0", "0.77", "0.9") and len(rows) == 2
+  assert sweep_lib.main(args) == 0 and len(_rows(tmp_path)) == 2 and len(runner.calls) == 1  # copied once
