@@ -282,22 +282,36 @@ def _synthetic_cells(root: str, n: int, size: int, seed: int) -> dict:
   return {"format": "slamags-bags/1", "root": root, "seed": seed, "cells": cells, "bags": bags}
 
 
-def _cpu_seconds() -> float | None:
-  """CPU time of this process and its live descendants (grain's workers), from Linux ``/proc``."""
+def _cpu_seconds() -> dict[int, float] | None:
+  """CPU seconds of this process and each live descendant (grain's workers) by pid, from Linux ``/proc``."""
   try:
     tick = os.sysconf("SC_CLK_TCK")
-    pids, total, i = [os.getpid()], 0.0, 0
+    pids, out, i = [os.getpid()], {}, 0
     while i < len(pids):
       pid, i = pids[i], i + 1
-      with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-      total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-      for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-          pids += [int(c) for c in f.read().split()]
-    return total
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        for tid in os.listdir(f"/proc/{pid}/task"):
+          with open(f"/proc/{pid}/task/{tid}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+      except FileNotFoundError:  # a descendant that exited meanwhile
+        continue
+    return out
   except (OSError, ValueError, IndexError):
     return None
+
+
+def _cpu_delta(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
+  """CPU used between two ``_cpu_seconds`` readings by the processes alive at the second.
+
+  Per pid, so a process that exits in between (an earlier iterator's worker) takes
+  nothing away; one that starts in between counts whole.
+  """
+  if before is None or after is None:
+    return None
+  return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def _parse_workers(text: str) -> list[int]:
@@ -355,7 +369,7 @@ def bench_input(a) -> dict:
         if hasattr(it, "close"):
           it.close()
       views = 2 * batch * a.steps
-      cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+      cpu = _cpu_delta(cpu0, cpu1)
       results.append({"workers": w, "batch_ms": round(dt / a.steps * 1e3, 2),
                       "views_per_second": round(views / dt, 1),
                       "cpu_s": None if cpu is None else round(cpu, 2),
