@@ -27,6 +27,15 @@ REQUIRED = ("method, witness_rate, seed, bag_f1, bag_auc, bag_accuracy, topk_k, 
             "total_wall_s, commit, machine").split(", ")
 
 
+@pytest.fixture(autouse=True)
+def _restore_sigterm():
+  """sweep_lib.main installs its SIGTERM handler; other test files in this process need the default."""
+  import signal
+  before = signal.getsignal(signal.SIGTERM)
+  yield
+  signal.signal(signal.SIGTERM, before)
+
+
 def _arg(cmd, prefix):
   return next(a[len(prefix):] for a in cmd if a.startswith(prefix))
 
