@@ -144,6 +144,8 @@ def bench_step(a) -> dict:
   n_dev = mesh.size
   if a.pos % n_dev or a.neg % n_dev:
     raise SystemExit(f"error: --pos and --neg must be multiples of the {n_dev} devices")
+  if a.surgery_overhead and len(pretrain.METHODS[a.method].tasks) < 2:  # before any compile
+    raise SystemExit("error: --surgery-overhead needs a two-task method (slam_ags, pcgrad)")
   rng = np.random.default_rng(a.seed)
   batch = parallel.global_batch({"pos": rng.integers(0, 256, (a.pos, 2, a.size, a.size, 3), dtype=np.uint8),
                                  "neg": rng.integers(0, 256, (a.neg, 2, a.size, a.size, 3), dtype=np.uint8)}, mesh)
@@ -152,8 +154,6 @@ def bench_step(a) -> dict:
   first_loss = float(step.metrics["loss"])
   baseline = None
   if a.surgery_overhead:
-    if len(pretrain.METHODS[a.method].tasks) < 2:
-      raise SystemExit("error: --surgery-overhead needs a two-task method (slam_ags, pcgrad)")
     baseline = _Step(cfg, "weaksupcon", batch, mesh, a.size)
     baseline()
     times, base_times = [], []
