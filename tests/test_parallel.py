@@ -39,7 +39,9 @@ RESULT = "RESULT "  # prefix of the child's JSON line (the collectives library p
 
 
 def _result(stdout: str) -> dict:
-  return json.loads(next(line for line in stdout.splitlines() if line.startswith(RESULT))[len(RESULT):])
+  """The child's JSON: text that C++ libraries (Gloo) write to the same stdout may follow it on its line."""
+  line = next(line for line in stdout.splitlines() if line.startswith(RESULT))
+  return json.JSONDecoder().raw_decode(line[len(RESULT):])[0]
 
 
 # ----------------------------------------------------------------------------- child process
