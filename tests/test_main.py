@@ -113,7 +113,7 @@ def test_workdir_made_with_other_settings(bags_workdir):
   work = bags_workdir
   before = _tree(work)
   line = _assert_one_error(_cli(DEMO, f"--workdir={work}", "--config.stages=bags", "--config.bags.n_train=20"),
-                           "stage 'bags'", "bags.n_train=60, now 20", "new --workdir")
+                           "stage 'bags'", "bags.n_train=200, now 20", "new --workdir")
   assert os.path.join(str(work), "bags") in line
   assert _tree(work) == before  # config.json not rewritten, manifest untouched
   # Settings that change how a run goes, not what it makes, are fine; the stage is skipped.
