@@ -23,7 +23,7 @@ between the two CPUs of one machine type) to end at chance. Judged on validation
 train-pool cells only, over seeds 0-5 (commit 6a98789, 2-core Intel Xeon): 200 bags and 15
 epochs gave validation bag AUC 0.97-1.00 and validation recall@5 0.50-0.67 in every seed
 (60 bags and 6 epochs: recall@5 0.17-0.78 over seeds 0-3); 25 epochs gave the same within
-noise for 25 % more time.
+noise for 25 % more time (table and commands: ``launch/demo_select.py``).
 
 Any key can be overridden, e.g. ``--config.stages=bags,pretrain`` or
 ``--config.pretrain.method=slam_ags`` (the authors' shared head, to see the collapse).
