@@ -18,11 +18,11 @@ across bags (the sample is small) make it a first look, not a benchmark: see
 ``configs/pbc_erb.py``.
 
 Why these counts: with 60 training bags (12 validation) and 6 epochs the pretrained
-features and the MIL model chosen on 12 validation bags varied enough between seeds (and
-between the two CPUs of one machine type) to end at chance. Judged on validation bags and
+features and the MIL model chosen on 12 validation bags varied too much between seeds
+(validation recall@5 0.17-0.78 over seeds 0-3) and between the two CPUs of one machine type (test AUC
+0.890 on the AMD EPYC, 0.633 on the Intel Xeon). Judged on validation bags and
 train-pool cells only, over seeds 0-5 (commit 6a98789, 2-core Intel Xeon): 200 bags and 15
-epochs gave validation bag AUC 0.97-1.00 and validation recall@5 0.50-0.67 in every seed
-(60 bags and 6 epochs: recall@5 0.17-0.78 over seeds 0-3); 25 epochs gave the same within
+epochs gave validation bag AUC 0.97-1.00 and validation recall@5 0.50-0.67 in every seed; 25 epochs gave the same within
 noise for 25 % more time (table and commands: ``launch/demo_select.py``).
 
 Any key can be overridden, e.g. ``--config.stages=bags,pretrain`` or

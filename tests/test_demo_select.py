@@ -1,4 +1,4 @@
-"""launch/demo_select.py: its validation metrics and probe on a hand-made workdir."""
+"""launch/demo_select.py: its probe and its row on a hand-made workdir (no training)."""
 
 from __future__ import annotations
 
@@ -13,40 +13,42 @@ sys.path.insert(0, LAUNCH)
 
 import demo_select  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from slamags_jax import bags  # noqa: E402  pylint: disable=g-import-not-at-top
 
-def _workdir(tmp_path, separable):
-  """40 cells (ids 0-3 abnormal), two validation bags of 6 and one test bag."""
-  (tmp_path / "bags").mkdir(parents=True)
-  (tmp_path / "embeddings").mkdir()
-  (tmp_path / "mil").mkdir()
-  cells = [{"id": i, "label": int(i < 4)} for i in range(40)]
-  (tmp_path / "bags" / "manifest.json").write_text(json.dumps({"cells": cells}))
+
+def _workdir(path, separable):
+  """40 train-pool cells (ids 0-3 abnormal) in 4 train bags, and one test bag of cells 0-1
+  whose embeddings would make any probe perfect if it read them."""
+  for sub in ("bags", "embeddings", "report"):
+    (path / sub).mkdir(parents=True)
+  cells = [{"id": i, "label": int(i < 4), "path": f"c{i}.png"} for i in range(40)]
+  (path / "bags" / "manifest.json").write_text(json.dumps({"format": bags.FORMAT, "cells": cells, "bags": []}))
   rng = np.random.default_rng(1)
-  emb = rng.normal(size=(40, 4))
+  emb = rng.normal(size=(40, 4)).astype(np.float32)
   if separable:
     emb[:4, 0] += 20.0
+  index = []
   for b in range(4):
     ids = np.arange(10 * b, 10 * b + 10)
-    np.savez(tmp_path / "embeddings" / f"train-{b:03d}.npz", embeddings=emb[ids], cell_ids=ids)
-  np.savez(tmp_path / "embeddings" / "test-000.npz", embeddings=rng.normal(size=(2, 4)) + 99, cell_ids=np.array([0, 1]))
-  # val bag 0 positive: cells 0, 1 witnesses; attention puts cell 0 first, cell 1 sixth of 6.
-  # val bag 1 negative; test bag positive (must be ignored).
-  cell_ids = np.array([0, 4, 5, 6, 7, 1, 8, 9, 10, 11, 12, 13, 2, 3])
-  attention = np.array([.9, .5, .4, .3, .2, .1, .1, .1, .1, .1, .1, .1, .9, .9])
-  np.savez(tmp_path / "mil" / "predictions.npz", split=np.array(["val", "val", "test"]),
-           label=np.array([1, 0, 1]), prob=np.array([0.7, 0.2, 0.1]),
-           offsets=np.array([0, 6, 12, 14]), cell_ids=cell_ids, attention=attention)
-  return str(tmp_path)
-
-
-def test_validation_metrics_read_only_validation_bags(tmp_path):
-  auc, recall, n_val = demo_select.validation_metrics(_workdir(tmp_path, True))
-  assert n_val == 2
-  assert auc == 1.0
-  assert recall == 0.5  # cell 0 in the top 5, cell 1 ranked sixth
+    np.savez(path / "embeddings" / f"train-{b:03d}.npz", embeddings=emb[ids], cell_ids=ids)
+    index.append({"id": f"train-{b:03d}", "split": "train", "label": int(b == 0), "file": f"train-{b:03d}.npz"})
+  test = np.where(np.arange(2)[:, None] == 0, 50.0, -50.0) * np.ones((2, 4))
+  np.savez(path / "embeddings" / "test-000.npz", embeddings=test.astype(np.float32), cell_ids=np.array([0, 1]))
+  index.append({"id": "test-000", "split": "test", "label": 1, "file": "test-000.npz"})
+  (path / "embeddings" / "index.json").write_text(json.dumps({"dim": 4, "bags": index}))
+  (path / "report" / "summary.json").write_text(json.dumps({
+      "collapse": {"ntxent_over_chance": 0.43}, "final_head_effective_rank": 9.94,
+      "val_bag_auc": 0.9824, "val_recall_at_k_mean": 0.5833, "n_val_bags": 40, "mil_best_epoch": 25,
+      "bag_auc": 0.1, "retrieval_recall_at_k_mean": 0.1}))
+  return str(path)
 
 
 def test_probe_separates_separable_cells_and_not_noise(tmp_path):
   assert demo_select.probe_auc(_workdir(tmp_path / "a", True)) == 1.0
-  noise = demo_select.probe_auc(_workdir(tmp_path / "b", False))
-  assert noise < 0.9
+  assert demo_select.probe_auc(_workdir(tmp_path / "b", False)) < 0.9
+
+
+def test_row_has_the_validation_numbers_and_no_test_metric(tmp_path):
+  row = demo_select.row(_workdir(tmp_path, True))
+  assert row == {"ntxent_over_chance": 0.43, "head_rank": 9.9, "probe_auc": 1.0, "val_auc": 0.982,
+                 "val_recall@5": 0.583, "n_val": 40, "mil_best_epoch": 25}
