@@ -20,7 +20,7 @@ CC BY 4.0). ``data.root`` is a placeholder: set it with ``--config.data.root``. 
 the cells from TFDS ``array_record`` files instead of 171 k JPEG files (faster on
 network disks), add ``--config.data.source=tfds --config.data.tfds_data_dir=/data/tfds``:
 the bags stage prepares the ``cell_folder`` dataset from ``data.root`` once (or prepare it
-beforehand with ``python -m slamags_jax.tfds_cells --manual_dir=<root> --data_dir=/data/tfds``);
+beforehand with ``python -m slamags_jax.data.tfds_cells --manual_dir=<root> --data_dir=/data/tfds``);
 later runs may leave ``data.root`` empty.
 
 Classes: lymphocytes (``LYT``) are the normal cells, as in the paper. The paper simulates

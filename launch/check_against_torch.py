@@ -120,7 +120,7 @@ def _authors_tx(cfg, method, steps_per_epoch: int):
 
 def _torch_keys(params, stats) -> dict[str, np.ndarray]:
   """JAX `SlamModel` variables in the export's torch keys (`encoder.*`, `head.*`, `classifier.*`)."""
-  from slamags_jax import torchvision_io  # pylint: disable=g-import-not-at-top
+  from slamags_jax.interop import torchvision as torchvision_io  # pylint: disable=g-import-not-at-top
   enc = torchvision_io.encoder_to_torchvision({"params": params["encoder"], "batch_stats": stats["encoder"]})
   out = {f"encoder.{k}": v for k, v in enc.items() if not k.endswith("num_batches_tracked")}
   for k, v in torchvision_io.head_to_torch(params).items():
@@ -141,7 +141,9 @@ def compare_method(method_name: str, *, steps: int = 3, pos: int = 8, neg: int =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  from slamags_jax import checkpoints, export, fileio, models, pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax import export, models, pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import checkpoints
+  from slamags_jax.runtime import fileio
   from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
 

@@ -139,7 +139,7 @@ def _canon_json(path: str) -> str:
 
 
 def _canon_jsonl(path: str) -> str:
-  from slamags_jax import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
   return json.dumps([_drop_timing(r) for r in fileio.read_jsonl(path)], sort_keys=True)
 
 
@@ -215,7 +215,8 @@ def compare(ref: str, work: str) -> tuple[int, list[str]]:
   # Arrays of the encoder and of the best and last MIL parameters.
   trees = {}
   if os.path.isdir(os.path.join(ref, "pretrain", "encoder")) or os.path.isdir(os.path.join(ref, "mil", "checkpoints")):
-    from slamags_jax import checkpoints, mil  # pylint: disable=g-import-not-at-top
+    from slamags_jax import mil  # pylint: disable=g-import-not-at-top
+    from slamags_jax.runtime import checkpoints
   if os.path.isdir(os.path.join(ref, "pretrain", "encoder")):
     trees["pretrain/encoder"] = lambda w: checkpoints.load_encoder(os.path.join(w, "pretrain", "encoder"))
   if os.path.isdir(os.path.join(ref, "mil", "checkpoints")):
@@ -301,7 +302,7 @@ def _wait_for(pred, proc: Attempt, limit: float = TIMEOUT) -> bool:
 
 
 def _steps_logged(work: str) -> list[int]:
-  from slamags_jax import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
   return [r["step"] for r in fileio.read_jsonl(os.path.join(work, "pretrain", "metrics.jsonl"))
           if r.get("kind") == "step"]
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from slamags_jax import fileio  # noqa: E402  pylint: disable=g-import-not-at-top
+from slamags_jax.runtime import fileio  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # (column, report/summary.json key)
 METRICS = (("accuracy", "bag_accuracy"), ("macro_f1", "macro_f1"), ("macro_auc", "macro_auc"),

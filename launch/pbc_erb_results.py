@@ -40,8 +40,8 @@ import pbc_erb_sweep as sweep_lib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from slamags_jax import fileio  # noqa: E402
-from slamags_jax.errors import UserError  # noqa: E402
+from slamags_jax.runtime import fileio  # noqa: E402
+from slamags_jax.runtime.errors import UserError  # noqa: E402
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 DEFAULT_OUT = os.path.join(sweep_lib.REPO, "results", "pbc_erb")

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pbc_erb_sweep as sweep_lib  # noqa: E402
 
-from slamags_jax import fileio  # noqa: E402
-from slamags_jax.errors import UserError  # noqa: E402
+from slamags_jax.runtime import fileio  # noqa: E402
+from slamags_jax.runtime.errors import UserError  # noqa: E402
 
 RESULTS = os.path.join(sweep_lib.REPO, "results", "pbc_erb")
 DEFAULT_CSV = os.path.join(RESULTS, "selection.csv")

@@ -81,9 +81,9 @@ if REPO not in sys.path:  # runnable from a checkout without installing the pack
   sys.path.insert(0, REPO)
 
 from slamags_jax import config as config_lib  # noqa: E402
-from slamags_jax import fileio  # noqa: E402
+from slamags_jax.runtime import fileio  # noqa: E402
 from slamags_jax import main as main_lib  # noqa: E402  (markers and operational keys; no jax)
-from slamags_jax.errors import UserError  # noqa: E402
+from slamags_jax.runtime.errors import UserError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "pbc_erb.py")
 DEFAULT_CSV = os.path.join(REPO, "results", "pbc_erb", "runs.csv")

@@ -21,7 +21,7 @@ line one JSON object with:
   (`last_loss`: of the last timed step); `param_l2`: the L2 norm of all trained
   parameters after the K + 1 steps;
 - `devices`, `flops_per_step` (XLA's count for the compiled step), `gflops_per_second`;
-- `malloc_hugepages`: whether malloc got transparent huge pages (``slamags_jax.hugepages``:
+- `malloc_hugepages`: whether malloc got transparent huge pages (``slamags_jax.runtime.hugepages``:
   run as a command, the bench re-executes itself with them where that takes effect);
 - with `--surgery-overhead` (two-task methods): the same step with the task gradients
   summed (`weaksupcon`), timed interleaved with this one, and `surgery_overhead`
@@ -70,8 +70,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from slamags_jax import config as config_lib
-from slamags_jax import conv, hugepages
-from slamags_jax import models, parallel, pretrain
+from slamags_jax.models import conv
+from slamags_jax.runtime import hugepages
+from slamags_jax import models, pretrain
+from slamags_jax.runtime import parallel
 
 
 def _flops(compiled) -> float:
@@ -325,7 +327,8 @@ def _parse_workers(text: str) -> list[int]:
 
 
 def bench_input(a) -> dict:
-  from slamags_jax import device_augment, input_pipeline
+  from slamags_jax.data import device_augment
+  from slamags_jax.data import input_pipeline
   workers = _parse_workers(a.workers)
   batch = 32 if a.batch is None else a.batch
   if not 8 <= a.crop <= a.image_size:

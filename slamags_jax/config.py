@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 STAGES = ("bags", "pretrain", "embed", "mil", "report")
 METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random",

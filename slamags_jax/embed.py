@@ -27,10 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from slamags_jax.progress import progress
+from slamags_jax.runtime.progress import progress
 
 from slamags_jax import bags as bags_lib
-from slamags_jax import checkpoints, conv, fileio, input_pipeline, models, parallel
+from slamags_jax import models
+from slamags_jax.runtime import checkpoints
+from slamags_jax.models import conv
+from slamags_jax.runtime import fileio
+from slamags_jax.data import input_pipeline
+from slamags_jax.runtime import parallel
 
 
 def make_embed_fn(model: models.SlamModel, cfg, mesh=None, which: str | None = None):
@@ -74,7 +79,7 @@ def embed_array(embed_fn, variables, images: np.ndarray, mesh, batch_size: int) 
 def load_encoder_variables(cfg, workdir: str) -> dict:
   path = os.path.join(workdir, "pretrain", "encoder")
   if not os.path.isdir(path):
-    from slamags_jax.errors import UserError
+    from slamags_jax.runtime.errors import UserError
     raise UserError(f"no pretrained encoder at {path}: run the pretrain stage first")
   return checkpoints.load_encoder(path)
 

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from slamags_jax import fileio, torchvision_io
-from slamags_jax.errors import UserError
+from slamags_jax.runtime import fileio
+from slamags_jax.interop import torchvision as torchvision_io
+from slamags_jax.runtime.errors import UserError
 
 TARGETS = ("torchvision",)
 CARD = "model_card.json"
@@ -112,7 +113,7 @@ def _data_card(manifest: dict | None) -> dict | None:
 
 def export(workdir: str, to: str, out: str) -> dict:
   """Writes the files listed in the module docstring; returns the model card."""
-  from slamags_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import checkpoints  # pylint: disable=g-import-not-at-top
   if to not in TARGETS:
     raise UserError(f"--to={to!r} is not supported; targets: {', '.join(TARGETS)}")
   if not out:

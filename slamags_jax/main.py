@@ -34,8 +34,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from slamags_jax import config as config_lib
-from slamags_jax import hugepages, ioerrors, preemption
-from slamags_jax.errors import UserError
+from slamags_jax.runtime import hugepages
+from slamags_jax.runtime import ioerrors
+from slamags_jax.runtime import preemption
+from slamags_jax.runtime.errors import UserError
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
@@ -105,7 +107,7 @@ def _resumable(workdir: str, stage: str) -> bool:
 
 def check_workdir_config(flat: dict, workdir: str) -> None:
   """Refuses to reuse completed (or resumable) stages that were made with different settings."""
-  from slamags_jax import fileio
+  from slamags_jax.runtime import fileio
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -151,7 +153,7 @@ def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
 
 def run(cfg, workdir: str) -> None:
   """Checks everything it can, then runs the wanted stages that are not complete yet."""
-  from slamags_jax import fileio
+  from slamags_jax.runtime import fileio
   config_lib.validate(cfg)
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -168,7 +170,8 @@ def run(cfg, workdir: str) -> None:
     code = errno.EROFS if os.statvfs(workdir).f_flag & os.ST_RDONLY else errno.EACCES
     raise UserError(f"--workdir {workdir} is not writable: {os.strerror(code)} ({errno.errorcode[code]})")
   _enable_compilation_cache()
-  from slamags_jax import parallel, workdir_lock
+  from slamags_jax.runtime import parallel
+  from slamags_jax.runtime import workdir_lock
   parallel.initialize()
   with workdir_lock.hold(workdir):  # one run per workdir, taken before anything is written
     if parallel.is_writer():

@@ -37,8 +37,8 @@ from typing import Any
 from absl import app, flags, logging
 
 from slamags_jax import config as config_lib
-from slamags_jax import hugepages
-from slamags_jax.errors import UserError
+from slamags_jax.runtime import hugepages
+from slamags_jax.runtime.errors import UserError
 
 _FLAGS: dict[str, Any] = {}
 
@@ -56,7 +56,7 @@ def _define_flags() -> None:
 
 def run_config(workdir: str):
   """The run's config, rebuilt from ``<workdir>/config.json`` over the current defaults."""
-  from slamags_jax import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"--workdir {workdir} has no config.json: not a run's workdir")
@@ -85,7 +85,7 @@ def check_trained(workdir: str) -> None:
 
 def plan_slides(slides_root: str, min_cells: int, check_images: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
   """(a manifest of the new slides, skipped files); ``UserError`` for no slides or too few cells."""
-  from slamags_jax import bags_slides  # pylint: disable=g-import-not-at-top
+  from slamags_jax.bags import slides as bags_slides  # pylint: disable=g-import-not-at-top
   folders = bags_slides.slide_folders(slides_root, "--slides")
   if not folders:
     raise UserError(f"--slides {slides_root!r} has no slide folders (expected <slides>/<slide_id>/<images>)")
@@ -120,7 +120,10 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   manifest, skipped = plan_slides(slides_root, min_cells, check)
 
   # The model stack only once the input is good.
-  from slamags_jax import embed, fileio, mil, models, parallel, report_slides  # pylint: disable=g-import-not-at-top
+  from slamags_jax import embed, mil, models  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio
+  from slamags_jax.runtime import parallel
+  from slamags_jax.report import slides as report_slides
   params, meta = mil.load_checkpoint(workdir, "best")
   labels = list(meta.get("labels") or ["normal", "abnormal"])
   model = mil.model_from_meta(meta)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from slamags_jax import augment
+from slamags_jax.data import augment
 from slamags_jax import config as config_lib
 
 

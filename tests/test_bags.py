@@ -12,7 +12,7 @@ from PIL import Image
 
 from slamags_jax import bags
 from slamags_jax import config as config_lib
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 BENCHMARK = [(0.1, 20), (0.05, 10), (0.02, 4), (0.01, 2), (0.005, 1)]
 

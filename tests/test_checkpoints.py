@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax import checkpoints
-from slamags_jax.errors import UserError
+from slamags_jax.runtime import checkpoints
+from slamags_jax.runtime.errors import UserError
 
 
 def _state(v: float) -> dict:

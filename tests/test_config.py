@@ -5,7 +5,7 @@ import os
 import pytest
 
 from slamags_jax import config
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

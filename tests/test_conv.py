@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from slamags_jax import conv
+from slamags_jax.models import conv
 
 # (input size, cin, cout, kernel, stride, padding): the ResNet shapes in miniature,
 # including the 2x2- and 4x4-map cases and 1x1 stride-2 shortcuts.

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slamags_jax import data
-from slamags_jax.errors import UserError
+from slamags_jax.data import cells as data
+from slamags_jax.runtime.errors import UserError
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample_data", "pbc")
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax import augment
+from slamags_jax.data import augment
 from slamags_jax import config as config_lib
-from slamags_jax import device_augment as da
+from slamags_jax.data import device_augment as da
 
 SIZE, CROP = 12, 8
 SPEC = da.spec_from_config(config_lib.get_base_config().augment)  # the defaults: every op on

@@ -15,7 +15,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from slamags_jax import checkpoints, config as config_lib, export, fileio, mil, torchvision_io
+from slamags_jax import config as config_lib, export, mil
+from slamags_jax.runtime import checkpoints
+from slamags_jax.runtime import fileio
+from slamags_jax.interop import torchvision as torchvision_io
 from test_torchvision_io import encoder_of, random_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

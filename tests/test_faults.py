@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("faults", os.path.join(REPO, "launch", "faults.py"))

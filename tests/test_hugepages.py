@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from slamags_jax import hugepages
+from slamags_jax.runtime import hugepages
 
 GLIBC = (2, 36)
 
@@ -43,7 +43,7 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
 
 _CHILD = """
 import ctypes, json, os, sys
-from slamags_jax import hugepages
+from slamags_jax.runtime import hugepages
 hugepages.reexec_if_useful()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

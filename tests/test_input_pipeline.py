@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slamags_jax import augment
+from slamags_jax.data import augment
 from slamags_jax import config as config_lib
-from slamags_jax import input_pipeline as ip
-from slamags_jax.errors import UserError
+from slamags_jax.data import input_pipeline as ip
+from slamags_jax.runtime.errors import UserError
 
 N_POS, N_NEG = 24, 40  # |P|, |N|: with B = 16 -> 6 + 10 per step, 4 steps per epoch
 

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from slamags_jax import fileio, ioerrors, main
+from slamags_jax import main
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime import ioerrors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

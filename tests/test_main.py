@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "--config=configs/demo.py"

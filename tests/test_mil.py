@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from slamags_jax import config, fileio, metrics, mil
-from slamags_jax.errors import UserError
+from slamags_jax import config, metrics, mil
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime.errors import UserError
 
 MODELS = ("abmil", "pamil")
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax import config, mil, mil_models
-from slamags_jax.errors import UserError
+from slamags_jax import config, mil
+from slamags_jax.models import mil as mil_models
+from slamags_jax.runtime.errors import UserError
 
 
 def test_masked_softmax_gives_masked_entries_exactly_zero():

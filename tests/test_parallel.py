@@ -76,7 +76,8 @@ def _pretrain_results(mesh1, mesh4) -> tuple[dict, dict]:
   """
   import jax
   import jax.numpy as jnp
-  from slamags_jax import config as config_lib, models, parallel, pretrain
+  from slamags_jax import config as config_lib, models, pretrain
+  from slamags_jax.runtime import parallel
   cfg = config_lib.get_base_config()
   cfg.model.width, cfg.model.head_dim, cfg.model.conv_impl = 4, 16, "xla"
   method = pretrain.METHODS["slam_ags"]
@@ -134,7 +135,8 @@ def _pretrain_results(mesh1, mesh4) -> tuple[dict, dict]:
 
 def _embed_results(mesh1, mesh4, cfg, variables) -> dict:
   """Per-cell embeddings of 10 images (one full and one padded batch of 8) on 1 and 4 devices."""
-  from slamags_jax import embed, models, parallel
+  from slamags_jax import embed, models
+  from slamags_jax.runtime import parallel
   images = np.random.default_rng(1).integers(0, 256, (10, SIZE, SIZE, 3), dtype=np.uint8)
   model = models.from_config(cfg)
   out = {}
@@ -209,7 +211,8 @@ def multiprocess_child(process_id: int, port: int) -> dict:
   os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(process_id))
   import jax
-  from slamags_jax import fileio, parallel
+  from slamags_jax.runtime import fileio
+  from slamags_jax.runtime import parallel
   parallel.initialize()
   assert jax.process_count() == 2 and jax.device_count() == DEVICES, (jax.process_count(), jax.device_count())
   mesh4, mesh1 = parallel.data_mesh(), parallel.data_mesh(jax.local_devices()[:1])
@@ -229,7 +232,7 @@ def multiprocess_child(process_id: int, port: int) -> dict:
 
 def child() -> dict:
   import jax
-  from slamags_jax import parallel
+  from slamags_jax.runtime import parallel
   devices = jax.devices()
   assert len(devices) == DEVICES, f"expected {DEVICES} forced host devices, got {len(devices)}"
   mesh1, mesh4 = parallel.data_mesh(devices[:1]), parallel.data_mesh(devices)
@@ -339,7 +342,7 @@ def test_mil_step_layout():
 
 def test_initialize_only_starts_the_runtime_for_multi_process_launches(monkeypatch):
   import jax
-  from slamags_jax import parallel
+  from slamags_jax.runtime import parallel
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)

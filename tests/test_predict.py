@@ -18,8 +18,9 @@ import sys
 import numpy as np
 import pytest
 
-from slamags_jax import fileio, predict
-from slamags_jax.errors import UserError
+from slamags_jax import predict
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slide_set  # noqa: E402  pylint: disable=g-import-not-at-top

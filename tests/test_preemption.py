@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from slamags_jax import config, fileio, mil, preemption
+from slamags_jax import config, mil
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime import preemption
 from test_mil import clustered_bags, write_embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from slamags_jax import checkpoints, config as config_lib, device_augment, losses, models, pretrain, surgery
+from slamags_jax import config as config_lib, losses, models, pretrain, surgery
+from slamags_jax.runtime import checkpoints
+from slamags_jax.data import device_augment
 
 SIZE = 16
 MEAN, STD = (0.6, 0.55, 0.74), (0.2, 0.24, 0.11)

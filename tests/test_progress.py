@@ -2,7 +2,7 @@
 
 import io
 
-from slamags_jax import progress
+from slamags_jax.runtime import progress
 
 
 class Clock:

@@ -31,7 +31,8 @@ import time
 import numpy as np
 import pytest
 
-from slamags_jax import fileio, pretrain
+from slamags_jax import pretrain
+from slamags_jax.runtime import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -225,7 +226,7 @@ def test_kill_after_the_final_checkpoint_and_during_the_encoder_save(demo_runs, 
   again = _summary(work)
   assert again["param_l2"] == full["param_l2"] and again["final_effective_rank"] == full["final_effective_rank"]
   assert not partial.exists() and not partial_step.exists()
-  from slamags_jax import checkpoints
+  from slamags_jax.runtime import checkpoints
   encoder = checkpoints.load_encoder(str(work / "pretrain" / "encoder"))
   assert pretrain.param_l2(encoder["params"]) == full["param_l2"]
 
@@ -278,7 +279,7 @@ def nan_runs(tmp_path_factory):
   after_stop = {"steps": _steps(ckpts), "summary": (work / "pretrain" / "summary.json").exists(),
                 "encoder": (work / "pretrain" / "encoder").exists(),
                 "metrics": fileio.read_jsonl(work / "pretrain" / "metrics.jsonl")}
-  from slamags_jax import checkpoints
+  from slamags_jax.runtime import checkpoints
   import orbax.checkpoint as ocp
   mngr = checkpoints.manager(str(ckpts), keep=10)
   after_stop["latest"] = mngr.latest_step()
@@ -334,7 +335,7 @@ def test_data_iterator_position_is_checkpointed(tmp_path):
   """The grain state restores the position; a state that does not fit is reported, not raised."""
   import grain
   import jax.numpy as jnp
-  from slamags_jax import checkpoints
+  from slamags_jax.runtime import checkpoints
   ds = grain.MapDataset.range(10)
   it = iter(ds.to_iter_dataset())
   for _ in range(3):
@@ -425,7 +426,7 @@ def test_atomic_write_crash_before_the_rename_leaves_the_old_file(tmp_path, monk
 
 _SLOW_WRITER = """
 import sys, time
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 with fileio.atomic_open(sys.argv[1], "wb") as f:
   f.write(b"[" + b"0, " * 4_000_000)
   f.flush()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slamags_jax import config, fileio, metrics, mil, report
+from slamags_jax import config, metrics, mil, report
+from slamags_jax.runtime import fileio
 
 N_TRAIN, N_VAL, N_TEST, DIM = 16, 4, 6, 8
 

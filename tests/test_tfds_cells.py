@@ -14,9 +14,9 @@ from PIL import Image
 
 from slamags_jax import bags
 from slamags_jax import config as config_lib
-from slamags_jax import input_pipeline as ip
-from slamags_jax import tfds_cells
-from slamags_jax.errors import UserError
+from slamags_jax.data import input_pipeline as ip
+from slamags_jax.data import tfds_cells
+from slamags_jax.runtime.errors import UserError
 
 
 def _write(path, seed, fmt):
@@ -136,11 +136,11 @@ def test_matek_builder_on_the_tcia_layout(tmp_path):
 
 def test_cli(folder, tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "slamags_jax.tfds_cells", f"--manual_dir={folder}", f"--data_dir={tmp_path}"],
+      [sys.executable, "-m", "slamags_jax.data.tfds_cells", f"--manual_dir={folder}", f"--data_dir={tmp_path}"],
       capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "cell_folder: 24 records, 3 classes, 1 unreadable files skipped" in out.stdout
   out = subprocess.run(
-      [sys.executable, "-m", "slamags_jax.tfds_cells", f"--manual_dir={tmp_path / 'nope'}", f"--data_dir={tmp_path / 'x'}"],
+      [sys.executable, "-m", "slamags_jax.data.tfds_cells", f"--manual_dir={tmp_path / 'nope'}", f"--data_dir={tmp_path / 'x'}"],
       capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax import config as config_lib, models, pretrain, torchvision_io
-from slamags_jax.errors import UserError
+from slamags_jax import config as config_lib, models, pretrain
+from slamags_jax.interop import torchvision as torchvision_io
+from slamags_jax.runtime.errors import UserError
 
 RECORDED = os.path.join(os.path.dirname(__file__), "data", "torchvision_resnet18_state_dict.txt")
 

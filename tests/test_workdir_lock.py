@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from slamags_jax import config, main, workdir_lock
-from slamags_jax.errors import UserError
+from slamags_jax import config, main
+from slamags_jax.runtime import workdir_lock
+from slamags_jax.runtime.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

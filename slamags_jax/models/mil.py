@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 NUM_CLASSES = 2
 ABNORMAL = 1  # class index of "abnormal" (positive bags, witnesses)

@@ -54,14 +54,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from slamags_jax.progress import progress as progress_bar
+from slamags_jax.runtime.progress import progress as progress_bar
 
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 from slamags_jax import metrics
-from slamags_jax import parallel
-from slamags_jax import preemption
-from slamags_jax.errors import UserError
-from slamags_jax.mil_models import (  # noqa: F401  (re-exported: mil.make_model etc. stay as they were)
+from slamags_jax.runtime import parallel
+from slamags_jax.runtime import preemption
+from slamags_jax.runtime.errors import UserError
+from slamags_jax.models.mil import (  # noqa: F401  (re-exported: mil.make_model etc. stay as they were)
     ABNORMAL, NUM_CLASSES, GatedABMIL, PrototypeGatedMIL, WeightNormDense, init_model, l2_normalize, make_model,
     masked_softmax, model_from_meta)
 

@@ -40,9 +40,9 @@ import numpy as np
 from absl import logging
 
 from slamags_jax import config as config_lib
-from slamags_jax import data as data_lib
-from slamags_jax import fileio
-from slamags_jax.errors import UserError
+from slamags_jax.data import cells as data_lib
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _FOLDS, _VAL = 21, 22  # first words of the keyed seeds (distinct streams of the data seed)

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slamags_jax.conv import conv2d
+from slamags_jax.models.conv import conv2d
 
 BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5

@@ -8,7 +8,7 @@ recursively below each class folder, which covers both layouts in use:
 
 Paths are kept relative to the root (posix separators) everywhere, so a bag manifest
 names cells the same way whether they are read from the folder or from a TFDS dataset
-prepared from it (``slamags_jax.tfds_cells``).
+prepared from it (``slamags_jax.data.tfds_cells``).
 
 Real folders contain broken files (empty, truncated, not an image at all).
 ``find_unreadable`` decodes every file fully once, in a thread pool, so the bags stage can
@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 

@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 from slamags_jax import metrics
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 WITNESS_COLOR = "#d62728"  # red frame: true witness (abnormal cell)
 NORMAL_COLOR = "#9e9e9e"  # thin grey frame: normal cell
@@ -523,7 +523,7 @@ def run(cfg: Any, workdir: str) -> None:
   """
   from slamags_jax import bags as bags_lib
   from slamags_jax import mil as mil_lib
-  from slamags_jax import parallel
+  from slamags_jax.runtime import parallel
   # Every process decided to run this stage before process 0 can complete it (writing the
   # stage's marker): a process that checked later would skip it and miss the barriers.
   parallel.sync("report: start")
@@ -538,7 +538,7 @@ def run(cfg: Any, workdir: str) -> None:
     os.unlink(marker)
   manifest = bags_lib.load_manifest(workdir)
   if manifest.get("source") == "slides":  # the user's slides: per-class metrics, no simulation
-    from slamags_jax import report_slides  # pylint: disable=g-import-not-at-top
+    from slamags_jax.report import slides as report_slides  # pylint: disable=g-import-not-at-top
     report_slides.run(cfg, workdir, manifest, out)
     parallel.sync("report: written")
     return

@@ -48,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slamags_jax import conv, device_augment, losses, models, surgery
+from slamags_jax import losses, models, surgery
+from slamags_jax.models import conv
+from slamags_jax.data import device_augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +383,7 @@ def _probe_cells(manifest, cfg) -> np.ndarray:
 
 def _truncate_metrics(path: str, last_step: int) -> list[dict]:
   """Drops metric lines after ``last_step`` (logged before a kill); returns the rest."""
-  from slamags_jax import fileio
+  from slamags_jax.runtime import fileio
   kept = [r for r in fileio.read_jsonl(path) if r.get("step", 0) <= last_step]
   if os.path.exists(path):
     fileio.write_text(path, "".join(fileio.to_json_line(r) for r in kept))
@@ -398,10 +400,15 @@ def run(cfg, workdir: str) -> None:
   `summary.json` (the completion marker) are written last.
   """
   from absl import logging
-  from slamags_jax.progress import progress
-  from slamags_jax import (bags as bags_lib, checkpoints, embed, fileio, input_pipeline, parallel, preemption,
-                           torchvision_io)
-  from slamags_jax.errors import UserError
+  from slamags_jax.runtime.progress import progress
+  from slamags_jax import bags as bags_lib, embed
+  from slamags_jax.runtime import checkpoints
+  from slamags_jax.runtime import fileio
+  from slamags_jax.data import input_pipeline
+  from slamags_jax.runtime import parallel
+  from slamags_jax.runtime import preemption
+  from slamags_jax.interop import torchvision as torchvision_io
+  from slamags_jax.runtime.errors import UserError
 
   out_dir = os.path.join(workdir, "pretrain")
   metrics_path = os.path.join(out_dir, "metrics.jsonl")

@@ -5,7 +5,7 @@ read through ``tfds.data_source`` / ``builder.as_data_source()`` (random access,
 grain reads):
 
 - ``cell_folder`` (``CellFolder``): any cell folder (one sub-folder per class, images
-  found recursively; see ``slamags_jax.data``), given as the manual download dir.
+  found recursively; see ``slamags_jax.data.cells``), given as the manual download dir.
   Classes are the folder names.
 - ``matek_bone_marrow`` (``MatekBoneMarrow``): the TCIA
   "Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer" folder (Matek et al. 2021,
@@ -19,8 +19,8 @@ skipped while generating, logged, and listed in the dataset's metadata ("skipped
 
 Prepare from the command line::
 
-  python -m slamags_jax.tfds_cells --manual_dir=/data/pbc128 --data_dir=/data/tfds
-  python -m slamags_jax.tfds_cells --name=matek_bone_marrow \\
+  python -m slamags_jax.data.tfds_cells --manual_dir=/data/pbc128 --data_dir=/data/tfds
+  python -m slamags_jax.data.tfds_cells --name=matek_bone_marrow \\
       --manual_dir=/data/Bone-Marrow-Cytomorphology_MLL_Helmholtz_Fraunhofer --data_dir=/data/tfds
 
 then run the pipeline with ``--config.data.source=tfds --config.data.tfds_data_dir=/data/tfds``
@@ -42,9 +42,9 @@ from absl import logging
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from slamags_jax import data as data_lib
-from slamags_jax import fileio
-from slamags_jax.errors import UserError
+from slamags_jax.data import cells as data_lib
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime.errors import UserError
 
 INDEX_FILE = "slamags_index.json"
 _CHUNK = 256  # files read and checked concurrently while generating
@@ -76,7 +76,7 @@ def _read_and_check(path: str) -> tuple[bytes | None, str | None]:
   return raw, data_lib.check_image_bytes(raw)
 
 
-# Run as ``python -m slamags_jax.tfds_cells`` this file is also ``__main__``; only the
+# Run as ``python -m slamags_jax.data.tfds_cells`` this file is also ``__main__``; only the
 # importable copy registers its builders with TFDS (names must be unique).
 _REGISTER = __name__ != "__main__"
 
@@ -330,5 +330,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("manual_dir", None, "The cell folder (or the Matek TCIA folder).", required=True)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir to write the prepared dataset to.", required=True)
   flags.DEFINE_enum("name", "cell_folder", list(BUILDERS), "Which builder.")
-  from slamags_jax import tfds_cells as _registered  # pylint: disable=g-import-not-at-top
+  from slamags_jax.data import tfds_cells as _registered  # pylint: disable=g-import-not-at-top
   app.run(_registered.main)

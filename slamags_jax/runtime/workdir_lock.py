@@ -23,7 +23,7 @@ import json
 import os
 import socket
 
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 NAME = ".lock"
 
@@ -92,7 +92,7 @@ def hold(workdir: str):
   Raises ``UserError`` on every process when it is held by another run.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   lock, error = None, None
   if parallel.is_writer():
     try:

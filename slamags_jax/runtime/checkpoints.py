@@ -78,7 +78,7 @@ def _short(e: BaseException, limit: int = 300) -> str:
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves the checkpoints of ``steps`` to ``damaged_checkpoints/`` beside the manager's folder."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   if not steps:
     return
   folder = os.path.abspath(os.fspath(mngr.directory))
@@ -135,7 +135,7 @@ def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: 
   ``*.orbax-checkpoint-tmp*`` folder as a step.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from slamags_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime.errors import UserError  # pylint: disable=g-import-not-at-top
   damaged: list[int] = []
   reasons: list[str] = []
   for step in sorted(mngr.all_steps(), reverse=True):
@@ -193,7 +193,7 @@ def save_encoder(path: str, variables: dict) -> None:
   only process 0 clears leftovers of a killed save (another process must not delete
   the temporary folder process 0 has just created).
   """
-  from slamags_jax import parallel  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   if parallel.is_writer():
     remove_partial_saves(path)
   parallel.sync("encoder: leftovers removed")

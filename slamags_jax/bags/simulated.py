@@ -37,8 +37,8 @@ import numpy as np
 from absl import logging
 
 from slamags_jax import config as config_lib
-from slamags_jax import data as data_lib
-from slamags_jax.errors import UserError
+from slamags_jax.data import cells as data_lib
+from slamags_jax.runtime.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -280,7 +280,7 @@ def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]) -> tuple[st
   The dataset is prepared from ``data.root`` first when ``data_dir`` does not hold it
   yet; once prepared, ``data.root`` may be left empty.
   """
-  from slamags_jax import tfds_cells  # pylint: disable=g-import-not-at-top  (TFDS only when used)
+  from slamags_jax.data import tfds_cells  # pylint: disable=g-import-not-at-top  (TFDS only when used)
   data_dir = tfds_cells.resolve_data_dir(cfg.data.tfds_data_dir, workdir)
   builder = tfds_cells.prepare(cfg.data.root, data_dir)
   index = tfds_cells.index(builder)

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 _BLOCK = re.compile(r"^layer(\d+)_(\d+)$")
 _RENAME = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
@@ -148,7 +148,7 @@ def encoder_from_torchvision(tensors: Mapping[str, np.ndarray], like: Mapping[st
 def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
   """Writes a safetensors file atomically (temporary file, then rename)."""
   from safetensors.numpy import save as st_save  # pylint: disable=g-import-not-at-top
-  from slamags_jax import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
   meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
   # np.asarray(order="C"), not ascontiguousarray: that makes 0-d arrays (num_batches_tracked) 1-d.
   fileio.write_bytes(path, st_save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata=meta))

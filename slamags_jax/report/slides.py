@@ -33,9 +33,9 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from slamags_jax import fileio
+from slamags_jax.runtime import fileio
 from slamags_jax import metrics
-from slamags_jax.errors import UserError
+from slamags_jax.runtime.errors import UserError
 
 THUMB_PX = 72
 WITNESS_RGB = (214, 39, 40)

@@ -63,10 +63,10 @@ import grain
 import numpy as np
 from absl import flags
 
-from slamags_jax import augment
+from slamags_jax.data import augment
 from slamags_jax import bags as bags_lib
-from slamags_jax import data as data_lib
-from slamags_jax.errors import UserError
+from slamags_jax.data import cells as data_lib
+from slamags_jax.runtime.errors import UserError
 
 # First words of the keyed seeds (distinct streams of one seed).
 _PERM, _AUG = 11, 12
@@ -89,7 +89,7 @@ class CellImages:
     self.records = None
     self.reader = None
     if source == "tfds":
-      from slamags_jax import tfds_cells  # pylint: disable=g-import-not-at-top
+      from slamags_jax.data import tfds_cells  # pylint: disable=g-import-not-at-top
       info = manifest.get("tfds") or {}
       data_dir = info.get("data_dir") or tfds_data_dir
       name = info.get("name", "cell_folder")

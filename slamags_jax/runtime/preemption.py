@@ -110,7 +110,7 @@ class Guard:
 def save_snapshot(path: str, trees: Any, progress: dict) -> None:
   """Writes the host copies of ``trees`` (a pytree of arrays) and ``progress`` (JSON) to one npz, atomically."""
   import jax  # pylint: disable=g-import-not-at-top
-  from slamags_jax import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(trees))]
   arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
   fileio.save_npz(path, progress=np.asarray(fileio.to_json(progress)), num_leaves=np.asarray(len(leaves)), **arrays)

@@ -1,0 +1,1 @@
+"""Cell images: folder discovery and decoding, TFDS builders, augmentation and the input pipeline."""

@@ -1,0 +1,1 @@
+"""Interoperability with PyTorch tools (torchvision key names and layouts)."""

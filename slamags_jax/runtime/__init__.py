@@ -1,0 +1,2 @@
+"""The runtime layer below every stage: errors, I/O errors, atomic files, the workdir lock,
+preemption, huge pages, progress, devices and checkpoints."""
