@@ -46,7 +46,7 @@ def fake_run(workdir: str, *, method="slam_ags", steps=6, with_mil=True, width=8
     params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.25, np.float32), shapes)
     fit = mil.FitResult(params=params, last_params=params, best_epoch=3, selection="val auc", history=[{"epoch": 3}],
                         length=4, train_s=1.0, train_bags=2)
-    meta = {**mil._model_meta(mil_cfg, 16), "input_mean": [0.5] * 16, "input_std": [2.0] * 16}
+    meta = {**mil.io._model_meta(mil_cfg, 16), "input_mean": [0.5] * 16, "input_std": [2.0] * 16}
     mil.save_checkpoints(os.path.join(workdir, "mil", "checkpoints"), fit, meta)
     fileio.write_json(os.path.join(workdir, "mil", "summary.json"), {"test": {"auc": 0.75}})
   return v

@@ -127,13 +127,13 @@ def test_training_is_deterministic_for_a_key():
 
 
 def test_selection_rule():
-  key = mil._selection_key
-  assert mil._better(key(0.9, 0.5), None)
-  assert mil._better(key(0.95, 0.9), key(0.9, 0.1))  # higher AUC wins
-  assert mil._better(key(0.9, 0.4), key(0.9, 0.5))  # equal AUC: lower loss wins
-  assert not mil._better(key(0.9, 0.5), key(0.9, 0.5))  # full tie: the earlier stays
-  assert mil._better(key(0.5, 0.9), key(float("nan"), 0.1))  # undefined AUC ranks last
-  assert mil._better(key(float("nan"), 0.1), key(float("nan"), 0.2))
+  key = mil.train._selection_key
+  assert mil.train._better(key(0.9, 0.5), None)
+  assert mil.train._better(key(0.95, 0.9), key(0.9, 0.1))  # higher AUC wins
+  assert mil.train._better(key(0.9, 0.4), key(0.9, 0.5))  # equal AUC: lower loss wins
+  assert not mil.train._better(key(0.9, 0.5), key(0.9, 0.5))  # full tie: the earlier stays
+  assert mil.train._better(key(0.5, 0.9), key(float("nan"), 0.1))  # undefined AUC ranks last
+  assert mil.train._better(key(float("nan"), 0.1), key(float("nan"), 0.2))
 
 
 def test_bucket_length_and_pad_batch():

@@ -103,21 +103,21 @@ def test_sigterm_in_mil_training_saves_and_the_rerun_ends_as_an_uninterrupted_ru
     mil.run(cfg, work)
   assert e.value.exit_code == 143
   assert f"finished MIL step {at} (epoch 2)" in str(e.value)
-  assert os.path.exists(os.path.join(work, "mil", mil.RESUME_FILE))
+  assert os.path.exists(os.path.join(work, "mil", mil.stage.RESUME_FILE))
   assert not os.path.exists(os.path.join(work, "mil", "summary.json"))
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   # The snapshot fits only the settings and embeddings it was made from.
-  path = os.path.join(work, "mil", mil.RESUME_FILE)
+  path = os.path.join(work, "mil", mil.stage.RESUME_FILE)
   length = mil.bucket_length(max(b["embeddings"].shape[0] for b in mil.load_embedded_bags(work)))
   other = _mil_config()
   other.mil.lr = 2e-3
-  assert mil._load_resume(path, mil._fingerprint(other, work, length), other.mil, 8) is None
-  resumed = mil._load_resume(path, mil._fingerprint(cfg, work, length), cfg.mil, 8)
+  assert mil.stage._load_resume(path, mil.stage._fingerprint(other, work, length), other.mil, 8) is None
+  resumed = mil.stage._load_resume(path, mil.stage._fingerprint(cfg, work, length), cfg.mil, 8)
   assert resumed is not None and resumed[1]["global_step"] == at
 
   at = -1
   mil.run(cfg, work)  # the rerun continues from step 6
-  assert not os.path.exists(os.path.join(work, "mil", mil.RESUME_FILE))
+  assert not os.path.exists(os.path.join(work, "mil", mil.stage.RESUME_FILE))
   (sa, la, pa), (sb, lb, pb) = _outputs(full), _outputs(work)
   assert sb == sa and lb == la
   assert pa.keys() == pb.keys()

@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _AUG = 12  # as input_pipeline._AUG: the augmentation stream of a seed
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as augment._GRAY
