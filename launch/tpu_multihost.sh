@@ -87,7 +87,7 @@ setup_script() {  # the install script run on every worker
   mount_script
   copy_data_script
   # Every worker at once: the distributed runtime comes up and sees the whole slice.
-  echo "cd ~/slamags-jax && SLAMAGS_DISTRIBUTED=1 ~/slamags-venv/bin/python -c 'from slamags_jax import parallel; parallel.initialize(); import jax; print(f\"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of {jax.device_count()} devices\")'"
+  echo "cd ~/slamags-jax && SLAMAGS_DISTRIBUTED=1 ~/slamags-venv/bin/python -c 'from slamags_jax.runtime import parallel; parallel.initialize(); import jax; print(f\"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of {jax.device_count()} devices\")'"
 }
 
 bags_script() {  # the bags stage alone on one worker, JAX on the CPU, no distributed runtime

@@ -97,6 +97,7 @@ FIELDS: Sequence[Field] = (
     # -- run --
     Field("seed", 0, "Master seed: model init, augmentation order, and (unless `data.seed` >= 0) the cell split and bags.", _INT_NONNEG),
     Field("stages", ",".join(STAGES), f"Comma list of stages to run, from `{','.join(STAGES)}`. Stages already complete in the workdir are skipped.", _stages),
+    Field("tensorboard", False, "Also write each training loop's metrics as TensorBoard event files beside `metrics.jsonl` (needs the `tensorboard` extra: tensorboardX); `tensorboard --logdir <workdir>` then shows them.", None),
     # -- data --
     Field("data.root", "", "Cell image folder: one sub-folder per class, images found recursively (PBC `<class>/<name>.jpg`, Matek `<CLASS>/<range>/<CLASS>_NNNNN.jpg`).", None),
     Field("data.source", "folder", "`folder` reads images straight from `data.root`; `tfds` reads the `cell_folder` TFDS dataset prepared from it (see README).", _choice("folder", "tfds")),
@@ -285,7 +286,7 @@ SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_
 # Keys added after results were recorded, each with the value that reproduces those
 # results (the behaviour from before the key existed). At that value a key is left out of
 # settings hashes, so rows recorded before it existed stay valid.
-HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False}
+HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "tensorboard": False}
 
 
 def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -60,7 +60,7 @@ STAGE_KEYS = {
     "report": ("report.",),
 }
 # Keys that change how a run goes, not what it produces.
-OPERATIONAL = {"stages", "data.workers", "data.tfds_data_dir", "pretrain.checkpoint_every_steps",
+OPERATIONAL = {"stages", "tensorboard", "data.workers", "data.tfds_data_dir", "pretrain.checkpoint_every_steps",
                "pretrain.keep_checkpoints", "pretrain.log_every_steps", "pretrain.max_bad_steps",
                "pretrain.start_over_if_damaged",
                "embed.batch_size", "report.gallery_bags", "report.gallery_max_cells"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slamags_jax import config, mil
-from slamags_jax.runtime import fileio
+from slamags_jax.runtime import checkpoints, fileio
 from slamags_jax.runtime import preemption
 from test_mil import clustered_bags, write_embeddings
 
@@ -33,7 +33,7 @@ def test_guard_turns_the_signal_into_a_flag_and_restores_the_handlers(signum, co
 
 
 def test_a_signal_after_the_last_check_gets_its_default_action():
-  code = ("import os, signal, time; from slamags_jax import preemption\n"
+  code = ("import os, signal, time; from slamags_jax.runtime import preemption\n"
           "g = preemption.Guard().install()\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.1)\n"
           "print('still here', flush=True)\ng.restore()\nprint('not reached', flush=True)\n")
   r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -42,15 +42,15 @@ def test_a_signal_after_the_last_check_gets_its_default_action():
 
 def test_snapshot_round_trip_and_mismatch(tmp_path):
   trees = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": (np.int32(7), np.zeros(2, np.uint32))}
-  path = str(tmp_path / "s.npz")
-  preemption.save_snapshot(path, trees, {"step": 3, "best": [-float("inf"), 0.5]})
-  got, progress = preemption.load_snapshot(path, trees)
+  path = str(tmp_path / "snapshot")
+  checkpoints.save_snapshot(path, trees, {"step": 3, "best": [-float("inf"), 0.5]})
+  got, progress = checkpoints.load_snapshot(path, trees)
   assert progress == {"step": 3, "best": [-float("inf"), 0.5]}
   for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(trees)):
     np.testing.assert_array_equal(x, y)
     assert np.asarray(x).dtype == np.asarray(y).dtype
   with pytest.raises(ValueError, match="do not match"):
-    preemption.load_snapshot(path, {"a": np.zeros((3, 2), np.float32), "b": trees["b"]})
+    checkpoints.load_snapshot(path, {"a": np.zeros((3, 2), np.float32), "b": trees["b"]})
 
 
 def _mil_workdir(root) -> str:

@@ -236,7 +236,7 @@ def test_kill_after_the_final_checkpoint_and_during_the_encoder_save(demo_runs, 
 def nan_injected_cli() -> None:
   """The CLI with non-finite steps injected (entry point of the subprocess runs).
 
-  `pretrain.train_step` is wrapped: from `state.step` (inside jit) it decides whether
+  `pretrain.train_step` is wrapped (where `pretrain.stage` calls it): from `state.step` (inside jit) it decides whether
   this step gets NaN positive views (`NAN_INPUT_STEPS`) or a NaN added to the NT-Xent
   loss (`NAN_LOSS_STEPS`, through `losses.nt_xent` while the step is traced; a constant
   added to a loss leaves its gradient finite), then runs the real `train_step`, whose
@@ -245,6 +245,7 @@ def nan_injected_cli() -> None:
   import jax.numpy as jnp
   from absl import app
   from slamags_jax import losses, main
+  from slamags_jax.pretrain import stage as pretrain_stage
 
   real_step, real_nt_xent = pretrain.train_step, losses.nt_xent
   loss_flag = []  # the traced "NaN loss" flag of the step being traced
@@ -262,7 +263,7 @@ def nan_injected_cli() -> None:
     finally:
       loss_flag.pop()
 
-  pretrain.train_step = train_step_with_nans
+  pretrain_stage.train_step = train_step_with_nans  # the name the stage's loop calls
   losses.nt_xent = nt_xent_with_nans
   app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
 

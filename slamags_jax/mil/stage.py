@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
@@ -30,13 +31,14 @@ from slamags_jax.models.mil import (
   init_model,
   make_model,
 )
-from slamags_jax.runtime import fileio, parallel, preemption
+from slamags_jax.runtime import checkpoints, fileio, parallel, preemption
 from slamags_jax.runtime.errors import UserError
+from slamags_jax.runtime.metric_writer import MetricWriter
 
 MIL_KEY_SALT = 0x4D494C  # folds cfg.seed into a MIL-specific key ("MIL")
 
 
-RESUME_FILE = "resume.npz"  # the training state a preempted MIL stage saved (see preemption)
+RESUME_FILE = "resume"  # the orbax snapshot of the training state a preempted MIL stage saved
 
 
 def _fingerprint(cfg: Any, workdir: str, length: int) -> str:
@@ -57,7 +59,7 @@ def _load_resume(path: str, fingerprint: str, mil_cfg: Any, dim: int) -> tuple[A
   p0 = jax.eval_shape(lambda k: init_model(model, k, dim), jax.random.PRNGKey(0))
   like = {"params": p0, "opt_state": jax.eval_shape(tx.init, p0), "best_params": p0}
   try:
-    trees, progress = preemption.load_snapshot(path, like)
+    trees, progress = checkpoints.load_snapshot(path, like)
   except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign file: MIL is cheap to redo)
     logging.warning("MIL: the resume snapshot %s does not load (%s: %s); training afresh", path, type(e).__name__, e)
     return None
@@ -73,7 +75,7 @@ def run(cfg: Any, workdir: str) -> None:
   """The ``mil`` stage: train, select on val, score every split, write ``<workdir>/mil``.
 
   SIGTERM / SIGINT during training: the state after the current step goes to
-  ``mil/resume.npz`` and the stage stops (exit 143 / 130); the rerun continues from it
+  ``mil/resume/`` (orbax) and the stage stops (exit 143 / 130); the rerun continues from it
   to the same outputs as an uninterrupted run, then deletes it.
   """
   t_start = time.perf_counter()
@@ -81,7 +83,7 @@ def run(cfg: Any, workdir: str) -> None:
   writer = parallel.is_writer()  # every process trains (sharded steps); process 0 writes
   mesh = parallel.data_mesh()
   os.makedirs(out, exist_ok=True)
-  for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts afresh (or from resume.npz)
+  for stale in ("summary.json", "metrics.jsonl"):  # this attempt starts afresh (or from mil/resume)
     p = os.path.join(out, stale)
     if writer and os.path.exists(p):
       os.unlink(p)
@@ -103,12 +105,11 @@ def run(cfg: Any, workdir: str) -> None:
   logging.info("MIL: %s on %d train / %d val / %d test bags, dim %d, padded length %d",
                cfg.mil.model, len(train), len(val), len(test), dim, length)
 
-  metrics_path = os.path.join(out, "metrics.jsonl")
+  metric_writer = MetricWriter(os.path.join(out, "metrics.jsonl"), enabled=writer, tensorboard=cfg.tensorboard)
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), MIL_KEY_SALT)
 
   def log_epoch(record: dict[str, Any]) -> None:
-    if writer:
-      fileio.append_jsonl(metrics_path, metrics.json_safe(record))
+    metric_writer.write(metrics.json_safe(record))
 
   resume_path = os.path.join(out, RESUME_FILE)
   fingerprint = _fingerprint(cfg, workdir, length)
@@ -121,8 +122,8 @@ def run(cfg: Any, workdir: str) -> None:
     fit = train_mil(train, val, cfg.mil, key, length=length, progress=writer, on_epoch=log_epoch, mesh=mesh,
                     num_classes=num_classes, stop=guard.reached, resume=resume)
   except Interrupted as e:
-    if writer:
-      preemption.save_snapshot(resume_path, e.trees, {**e.progress, "fingerprint": fingerprint})
+    # every process calls it (orbax synchronises them; process 0 writes)
+    checkpoints.save_snapshot(resume_path, e.trees, {**e.progress, "fingerprint": fingerprint})
     parallel.sync("mil: resume snapshot written")
     stop = guard.stop(f"finished MIL step {e.progress['global_step']} (epoch {e.progress['epoch']}) and saved "
                       f"the training state in {resume_path}")
@@ -130,8 +131,9 @@ def run(cfg: Any, workdir: str) -> None:
     raise stop from None
   finally:
     guard.restore()
+    metric_writer.close()
   if writer and os.path.exists(resume_path):
-    os.unlink(resume_path)  # training is complete: a rerun of this stage starts afresh
+    shutil.rmtree(resume_path)  # training is complete: a rerun of this stage starts afresh
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
   ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
 

@@ -139,15 +139,12 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
       step_parts.append(parts)
       step_bags.append(len(idx))
       if stop is not None and stop(global_step):
-        losses_host, parts_host = jax.device_get((step_losses, step_parts))
-        raise Interrupted(
-            jax.device_get({"params": params, "opt_state": opt_state, "best_params": best_params}),
+        raise _interrupted(
+            {"params": params, "opt_state": opt_state, "best_params": best_params},
             {"epoch": epoch, "step": s + 1, "global_step": global_step,
              "best_key": list(best_key) if best_key is not None else None, "best_epoch": best_epoch,
              "history": history, "train_s": train_s, "train_bags": train_bags,
-             "epoch_s": time.perf_counter() - t0, "step_bags": step_bags,
-             "step_losses": [float(x) for x in losses_host],
-             "step_parts": [{k: float(v) for k, v in d.items()} for d in parts_host]})
+             "epoch_s": time.perf_counter() - t0, "step_bags": step_bags}, step_losses, step_parts)
     step_losses, step_parts = jax.device_get((step_losses, step_parts))
     epoch_s = time.perf_counter() - t0
     train_s += epoch_s
@@ -210,3 +207,11 @@ def _selection_text(n_val: int, best_epoch: int) -> str:
     return f"highest validation ROC-AUC on {n_val} validation bags; ties broken by the lower validation cross-entropy"
   logging.warning("MIL: no validation bags; using the last epoch (%d)", best_epoch)
   return "last epoch (no validation bags)"
+
+
+def _interrupted(trees: Any, progress: dict[str, Any], step_losses: list, step_parts: list) -> Interrupted:
+  """The ``Interrupted`` that lets ``train_mil`` resume mid-epoch: host trees, counters, this epoch's steps."""
+  losses_host, parts_host = jax.device_get((step_losses, step_parts))
+  return Interrupted(jax.device_get(trees), {
+      **progress, "step_losses": [float(x) for x in losses_host],
+      "step_parts": [{k: float(v) for k, v in d.items()} for d in parts_host]})

@@ -58,7 +58,6 @@ from slamags_jax.pretrain.optim import (  # noqa: F401
     make_optimizer,
     similarity_temperature,
 )
-from slamags_jax.pretrain.stage import run  # noqa: F401
 from slamags_jax.pretrain.step import (  # noqa: F401
     TrainState,
     augmented_train_step,
@@ -69,3 +68,11 @@ from slamags_jax.pretrain.step import (  # noqa: F401
     task_loss,
     train_step,
 )
+
+
+def __getattr__(name: str):
+  """``pretrain.run`` (the stage) is imported on first use: the step functions need no data stack."""
+  if name == "run":
+    from slamags_jax.pretrain.stage import run
+    return run
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

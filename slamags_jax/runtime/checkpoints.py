@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the pretraining run and of the final encoder.
+"""Orbax checkpoints: the one way this package saves training state.
+
+Three uses, all orbax: the pretraining run's checkpoints (``manager``, ``save``,
+``restore_newest``), the final encoder (``save_encoder``), and the snapshot a preempted
+MIL stage leaves (``save_snapshot``: host trees plus a JSON progress record, one folder
+written through a temporary name and a rename).
 
 ``<workdir>/pretrain/checkpoints/<step>/`` holds two items: ``state`` (the whole
 ``TrainState``: parameters, BatchNorm statistics, optimizer state with the surgery's PRNG
@@ -31,6 +36,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _TMP = ".orbax-checkpoint-tmp"  # orbax's suffix of a folder being written
@@ -208,3 +214,33 @@ def load_encoder(path: str, like: dict | None = None) -> dict:
       return ckptr.restore(os.path.abspath(path))
     abstract = jax.tree_util.tree_map(_abstract, like)
     return ckptr.restore(os.path.abspath(path), abstract)
+
+
+def save_snapshot(path: str, trees: Any, progress: dict) -> None:
+  """Writes ``trees`` (host copies) and ``progress`` (JSON) to the folder ``path``, replacing it atomically.
+
+  Orbax writes to a temporary folder and renames it when complete, so a kill mid-save
+  leaves the previous snapshot (or none), never half of one. Every process calls it;
+  orbax lets process 0 write.
+  """
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(os.path.abspath(path), args=ocp.args.Composite(
+        trees=ocp.args.StandardSave(jax.device_get(trees)), progress=ocp.args.JsonSave(progress)), force=True)
+
+
+def load_snapshot(path: str, like: Any) -> tuple[Any, dict]:
+  """(trees shaped like ``like``, progress) from ``save_snapshot``; ValueError when they do not fit."""
+  abstract = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)),
+      like)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    try:
+      got = ckptr.restore(os.path.abspath(path), args=ocp.args.Composite(
+          trees=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path} holds arrays that do not match this model: {_short(e, 200)}") from e
+  trees = got["trees"]
+  for a, b in zip(jax.tree_util.tree_leaves(trees), jax.tree_util.tree_leaves(abstract)):
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+      raise ValueError(f"{path} holds arrays that do not match this model ({a.shape} {a.dtype} vs {b.shape} {b.dtype})")
+  return trees, dict(got["progress"])

@@ -23,8 +23,6 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-import numpy as np
-
 NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
@@ -103,29 +101,3 @@ class Guard:
     """The exception to raise once ``what`` (e.g. "saved the checkpoint of step 7 in ...") is done."""
     name = NAMES.get(self.signum, str(self.signum))
     return Preempted(self.signum or signal.SIGTERM, f"{name} received: {what}; rerun the same command to continue")
-
-
-# ----------------------------------------------------------------------------- snapshots
-
-def save_snapshot(path: str, trees: Any, progress: dict) -> None:
-  """Writes the host copies of ``trees`` (a pytree of arrays) and ``progress`` (JSON) to one npz, atomically."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
-  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(trees))]
-  arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
-  fileio.save_npz(path, progress=np.asarray(fileio.to_json(progress)), num_leaves=np.asarray(len(leaves)), **arrays)
-
-
-def load_snapshot(path: str, like: Any) -> tuple[Any, dict]:
-  """(trees shaped like ``like``, progress) from ``save_snapshot``; ValueError when it does not fit."""
-  import json  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  with np.load(path) as z:
-    n = int(z["num_leaves"])
-    leaves = [z[f"leaf_{i:05d}"] for i in range(n)]
-    progress = json.loads(str(z["progress"]))
-  want = jax.tree_util.tree_leaves(like)
-  treedef = jax.tree_util.tree_structure(like)
-  if len(want) != n or any(tuple(a.shape) != b.shape or np.dtype(a.dtype) != b.dtype for a, b in zip(want, leaves)):
-    raise ValueError(f"{path} holds {n} arrays that do not match this model's {len(want)}")
-  return jax.tree_util.tree_unflatten(treedef, leaves), progress
