@@ -1,4 +1,4 @@
-"""The config schema: defaults validate, bad values are named, the README table is current."""
+"""The config schema: defaults validate, bad values are named, the config table in docs/configs.md is current."""
 
 import os
 
@@ -44,12 +44,12 @@ def test_unknown_key_is_rejected():
     config.validate(cfg)
 
 
-def test_readme_config_table_is_generated_from_the_schema():
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_docs_config_table_is_generated_from_the_schema():
+  with open(os.path.join(ROOT, "docs", "configs.md"), encoding="utf-8") as f:
     readme = f.read()
   begin, end = "<!-- BEGIN CONFIG TABLE -->\n", "<!-- END CONFIG TABLE -->"
   table = readme[readme.index(begin) + len(begin):readme.index(end)]
-  assert table == config.markdown_table(), "README config table is stale: regenerate it with python -m slamags_jax.config"
+  assert table == config.markdown_table(), "docs/configs.md config table is stale: regenerate it with python -m slamags_jax.config"
 
 
 def test_hash_neutral_keys_are_inactive_only_at_their_neutral_value():
