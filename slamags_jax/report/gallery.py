@@ -28,7 +28,7 @@ THUMB_PX = 96
 WITNESS_RGB = (214, 39, 40)  # red frame: true (or annotated) witness
 NORMAL_RGB = (158, 158, 158)  # thin grey frame: any other cell
 MISSING_RGB = (235, 235, 235)
-LINE_PX = 15
+LINE_PX = 18
 
 
 @dataclasses.dataclass(frozen=True)
