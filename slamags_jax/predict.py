@@ -123,7 +123,7 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   from slamags_jax import embed, mil, models  # pylint: disable=g-import-not-at-top
   from slamags_jax.runtime import fileio
   from slamags_jax.runtime import parallel
-  from slamags_jax.report import slides as report_slides
+  from slamags_jax.report import cells_csv, gallery, tables
   params, meta = mil.load_checkpoint(workdir, "best")
   labels = list(meta.get("labels") or ["normal", "abnormal"])
   model = mil.model_from_meta(meta)
@@ -151,25 +151,25 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
     w.writerow(["slide_id", "cells"] + [f"p_{n}" for n in labels] + ["called"])
     for s in scored:
       w.writerow([s["id"], len(s["attention"])] + [f"{float(v):.10g}" for v in s["probs"]] + [labels[s["pred"]]])
-  report_slides.write_cells_csv(os.path.join(out, "cells.csv"), scored, labels, with_truth=False)
-  galleries = report_slides.write_galleries(os.path.join(out, "gallery"), slides_root, scored, labels,
+  cells_csv.write_slide_cells_csv(os.path.join(out, "cells.csv"), scored, labels, with_truth=False)
+  galleries = gallery.write_galleries(os.path.join(out, "gallery"), slides_root, scored, labels,
                                             int(cfg.report.gallery_max_cells))
   called = {n: sum(labels[s["pred"]] == n for s in scored) for n in labels}
   md = ["# Predictions\n",
-        report_slides.md_table(["setting", "value"], [
+        tables.md_table(["setting", "value"], [
             ["trained run", f"`{workdir}`"], ["slides", f"`{slides_root}`"],
             ["MIL", f"`{meta['model']}`, epoch {meta.get('epoch')} (the run's selected checkpoint)"],
             ["labels", ", ".join(labels)], ["slides / cells", f"{len(scored)} / {n_cells}"],
             ["unreadable images skipped", len(skipped)],
             ["embed + score time (s)", f"{wall:.1f} ({n_cells / max(wall, 1e-9):.0f} cells/s)"]]),
-        "## Called labels\n", report_slides.md_table(labels, [[called[n] for n in labels]]),
-        "## Slides\n", report_slides.md_table(["slide", "cells", "called"] + [f"p({n})" for n in labels],
-                                             report_slides.slide_rows(scored, labels, False)),
+        "## Called labels\n", tables.md_table(labels, [[called[n] for n in labels]]),
+        "## Slides\n", tables.md_table(["slide", "cells", "called"] + [f"p({n})" for n in labels],
+                                      tables.slide_rows(scored, labels, False)),
         "## Top cells per slide\n"]
   md += [f"![{s['id']}]({g})\n" for s, g in zip(scored, galleries)]
   if skipped:
     md.append("## Skipped (unreadable) images\n")
-    md.append(report_slides.md_table(["path", "reason"], [[e["path"], e["reason"]] for e in skipped]))
+    md.append(tables.md_table(["path", "reason"], [[e["path"], e["reason"]] for e in skipped]))
   md.append("\nPer-slide probabilities: `predictions.csv`; per-cell attention and ranks: `cells.csv`.\n")
   fileio.write_text(os.path.join(out, "report.md"), "\n".join(md))
   logging.info("predict: %d slides, %d cells in %.1f s (%.0f cells/s) -> %s", len(scored), n_cells, wall,

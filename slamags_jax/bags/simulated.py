@@ -19,7 +19,8 @@ out and ``bags.allow_reuse`` is true, drawing continues through a fresh shuffle 
 pool (still distinct within a bag, never across pools), and the manifest and log report
 how many cells were used more than once. With reuse disallowed, running out is an error.
 
-``build`` returns the manifest's content; ``slamags_jax.bags`` writes it. Every random choice comes from ``config.data_seed(cfg)`` through
+``build`` returns the manifest's content; ``slamags_jax.bags`` writes it. Every random choice
+comes from ``config.data_seed(cfg)`` through
 keyed ``np.random.default_rng([seed, stream, ...])`` generators, so the same seed gives
 the same manifest byte for byte, and a class's train/test split does not depend on which
 other classes are selected.
@@ -58,7 +59,8 @@ def witnesses_per_bag(bag_size: int, witness_rate: float) -> int:
   if isinstance(witness_rate, bool) or not isinstance(witness_rate, (int, float)) or not math.isfinite(witness_rate):
     raise UserError(f"bags.witness_rate must be a number in (0, 1], got {witness_rate!r}")
   if not 0.0 < witness_rate <= 1.0:
-    raise UserError(f"bags.witness_rate must be in (0, 1] (share of abnormal cells in a positive bag), got {witness_rate}")
+    raise UserError("bags.witness_rate must be in (0, 1] (share of abnormal cells in a positive bag), "
+                    f"got {witness_rate}")
   if isinstance(bag_size, bool) or not isinstance(bag_size, int) or bag_size < 1:
     raise UserError(f"bags.bag_size must be an integer >= 1, got {bag_size!r}")
   # The 1e-9 absorbs float noise such as 200 * 0.005 = 1.0000000000000002.
@@ -131,6 +133,128 @@ def _reuse_stats(bags: Iterable[Sequence[int]], pool_size: int) -> dict[str, int
   }
 
 
+def _check_settings(cells_by_class: Mapping[str, Sequence[str]], normal_classes: Sequence[str],
+                    abnormal_classes: Sequence[str], n_train: int, n_test: int, train_fraction: float,
+                    val_fraction: float) -> None:
+  """Raises ``UserError`` for settings no pool can satisfy (counts, fractions, classes)."""
+  for key, n in (("bags.n_train", n_train), ("bags.n_test", n_test)):
+    if n < 2 or n % 2:
+      raise UserError(f"{key} must be an even number >= 2 (half negative, half positive bags), got {n}")
+  if not 0.0 < train_fraction < 1.0:
+    raise UserError(f"bags.train_fraction must be in (0, 1), got {train_fraction}")
+  if not 0.0 <= val_fraction < 1.0:
+    raise UserError(f"bags.val_fraction must be in [0, 1), got {val_fraction}")
+  overlap = set(normal_classes) & set(abnormal_classes)
+  if overlap:
+    raise UserError(f"class {sorted(overlap)[0]!r} is both normal and abnormal")
+  if not normal_classes or not abnormal_classes:
+    raise UserError("at least one normal and one abnormal class are needed")
+  for c in list(normal_classes) + list(abnormal_classes):
+    if c not in cells_by_class or not cells_by_class[c]:
+      raise UserError(f"class {c!r} has no readable images")
+
+
+def _pool_cells(cells_by_class: Mapping[str, Sequence[str]], normal_classes: Sequence[str],
+                abnormal_classes: Sequence[str], train_fraction: float, seed: int) -> list[dict[str, Any]]:
+  """Cell-level split per class into the train and test pools; ids over all pool cells in (path) order."""
+  entries = []
+  for c in sorted(set(normal_classes) | set(abnormal_classes)):
+    label = 1 if c in abnormal_classes else 0
+    train, test = split_class(list(cells_by_class[c]), train_fraction, seed, c)
+    entries += [(p, c, label, "train") for p in train] + [(p, c, label, "test") for p in test]
+  entries.sort(key=lambda e: e[0])
+  if len({e[0] for e in entries}) != len(entries):
+    raise UserError("a cell path appears in two classes")
+  return [{"id": i, "path": p, "class": c, "label": lab, "pool": pool} for i, (p, c, lab, pool) in enumerate(entries)]
+
+
+def _check_pool(pool: str, n_normal: int, n_abnormal: int, n_half: int, bag_size: int, k: int,
+                allow_reuse: bool) -> None:
+  """Raises ``UserError`` when the pool's cells cannot fill its bags."""
+  if bag_size > n_normal:
+    raise UserError(
+        f"bag larger than the pool: a negative bag needs {bag_size} distinct normal cells "
+        f"but the {pool} pool has {n_normal} (lower bags.bag_size, or raise bags.train_fraction)"
+    )
+  if k > n_abnormal:
+    raise UserError(
+        f"fewer abnormal cells than needed: a positive bag needs k={k} but the {pool} pool "
+        f"has {n_abnormal} abnormal cells"
+    )
+  need_abn = n_half * k
+  if need_abn > n_abnormal and not allow_reuse:
+    raise UserError(
+        f"fewer abnormal cells than needed: {n_half} positive {pool} bags x k={k} need "
+        f"{need_abn} distinct abnormal cells but the {pool} pool has {n_abnormal} "
+        "(set bags.allow_reuse=True, lower bags.witness_rate or the bag count)"
+    )
+  need_norm = n_half * bag_size + n_half * (bag_size - k)
+  if need_norm > n_normal and not allow_reuse:
+    raise UserError(
+        f"not enough normal cells: the {pool} bags need {need_norm} distinct normal cells "
+        f"but the {pool} pool has {n_normal} (set bags.allow_reuse=True, or use fewer "
+        "or smaller bags)"
+    )
+
+
+def _val_splits(drawn: Sequence[tuple[int, int, np.ndarray]], pool: str, val_fraction: float,
+                seed: int) -> list[str]:
+  """Each drawn bag's split: the pool's name, or ``val`` for a share of each label of the train pool."""
+  splits = [pool] * len(drawn)
+  if pool == "train" and val_fraction > 0:
+    vrng = np.random.default_rng([seed, _VAL])
+    for lab in (0, 1):
+      members = [i for i, d in enumerate(drawn) if d[0] == lab]
+      n_val = int(math.floor(len(members) * val_fraction + 0.5))
+      if len(members) >= 2:
+        n_val = min(max(n_val, 1), len(members) - 1)
+      for i in vrng.choice(members, size=n_val, replace=False):
+        splits[int(i)] = "val"
+  return splits
+
+
+def _pool_bags(pool: str, pool_idx: int, n_bags: int, normal: np.ndarray, abnormal: np.ndarray,
+               labels: np.ndarray, *, bag_size: int, k: int, val_fraction: float, allow_reuse: bool,
+               seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Draws one pool's bags (manifest entries) and its reuse statistics."""
+  n_half = n_bags // 2
+  _check_pool(pool, len(normal), len(abnormal), n_half, bag_size, k, allow_reuse)
+  rng = np.random.default_rng([seed, _DRAW, pool_idx])
+  norm_cyc = _Cycler(normal, rng, allow_reuse, f"normal cells in the {pool} pool")
+  abn_cyc = _Cycler(abnormal, rng, allow_reuse, f"abnormal cells in the {pool} pool")
+  drawn = []
+  for _ in range(n_half):  # alternate negative / positive so any reuse is spread evenly
+    neg = norm_cyc.take(bag_size)
+    drawn.append((0, 0, rng.permutation(neg)))
+    pos = np.concatenate([abn_cyc.take(k), norm_cyc.take(bag_size - k)])
+    drawn.append((1, k, rng.permutation(pos)))
+  # Listing order shuffled so that a bag's id says nothing about its label.
+  order = np.random.default_rng([seed, _ORDER, pool_idx]).permutation(len(drawn))
+  drawn = [drawn[i] for i in order]
+  splits = _val_splits(drawn, pool, val_fraction, seed)
+  bags = []
+  counters = {s: 0 for s in SPLITS}
+  for (lab, kk, members), split in zip(drawn, splits):
+    bags.append({
+        "id": f"{split}-{counters[split]:03d}",
+        "split": split,
+        "label": int(lab),
+        "k": int(kk),
+        "cells": [int(x) for x in members],
+    })
+    counters[split] += 1
+  pool_bags = [d[2] for d in drawn]
+  reuse = {
+      "normal": _reuse_stats(
+          [[int(x) for x in b if labels[x] == 0] for b in pool_bags], len(normal)),
+      "abnormal": _reuse_stats(
+          [[int(x) for x in b if labels[x] == 1] for b in pool_bags], len(abnormal)),
+  }
+  reuse["normal"]["cycles"] = norm_cyc.cycles
+  reuse["abnormal"]["cycles"] = abn_cyc.cycles
+  return bags, reuse
+
+
 def simulate(
     cells_by_class: Mapping[str, Sequence[str]],
     normal_classes: Sequence[str],
@@ -152,108 +276,19 @@ def simulate(
   too small bag count, a bag larger than its pool, too few abnormal cells without reuse.
   """
   k = witnesses_per_bag(bag_size, witness_rate)
-  for key, n in (("bags.n_train", n_train), ("bags.n_test", n_test)):
-    if n < 2 or n % 2:
-      raise UserError(f"{key} must be an even number >= 2 (half negative, half positive bags), got {n}")
-  if not 0.0 < train_fraction < 1.0:
-    raise UserError(f"bags.train_fraction must be in (0, 1), got {train_fraction}")
-  if not 0.0 <= val_fraction < 1.0:
-    raise UserError(f"bags.val_fraction must be in [0, 1), got {val_fraction}")
-  overlap = set(normal_classes) & set(abnormal_classes)
-  if overlap:
-    raise UserError(f"class {sorted(overlap)[0]!r} is both normal and abnormal")
-  if not normal_classes or not abnormal_classes:
-    raise UserError("at least one normal and one abnormal class are needed")
-  for c in list(normal_classes) + list(abnormal_classes):
-    if c not in cells_by_class or not cells_by_class[c]:
-      raise UserError(f"class {c!r} has no readable images")
-
-  # 1. Cell-level split per class; ids over all pool cells in (path) order.
-  entries = []
-  for c in sorted(set(normal_classes) | set(abnormal_classes)):
-    label = 1 if c in abnormal_classes else 0
-    train, test = split_class(list(cells_by_class[c]), train_fraction, seed, c)
-    entries += [(p, c, label, "train") for p in train] + [(p, c, label, "test") for p in test]
-  entries.sort(key=lambda e: e[0])
-  if len({e[0] for e in entries}) != len(entries):
-    raise UserError("a cell path appears in two classes")
-  cells = [{"id": i, "path": p, "class": c, "label": lab, "pool": pool} for i, (p, c, lab, pool) in enumerate(entries)]
+  _check_settings(cells_by_class, normal_classes, abnormal_classes, n_train, n_test, train_fraction, val_fraction)
+  cells = _pool_cells(cells_by_class, normal_classes, abnormal_classes, train_fraction, seed)
   ids = np.arange(len(cells))
   labels = np.array([c["label"] for c in cells], np.int64)
   pools = np.array([c["pool"] for c in cells])
-
-  # 2. Bags per pool.
   bags: list[dict[str, Any]] = []
   reuse: dict[str, Any] = {}
   for pool_idx, (pool, n_bags) in enumerate((("train", n_train), ("test", n_test))):
     normal = ids[(pools == pool) & (labels == 0)]
     abnormal = ids[(pools == pool) & (labels == 1)]
-    n_half = n_bags // 2
-    if bag_size > len(normal):
-      raise UserError(
-          f"bag larger than the pool: a negative bag needs {bag_size} distinct normal cells "
-          f"but the {pool} pool has {len(normal)} (lower bags.bag_size, or raise bags.train_fraction)"
-      )
-    if k > len(abnormal):
-      raise UserError(
-          f"fewer abnormal cells than needed: a positive bag needs k={k} but the {pool} pool "
-          f"has {len(abnormal)} abnormal cells"
-      )
-    need_abn = n_half * k
-    if need_abn > len(abnormal) and not allow_reuse:
-      raise UserError(
-          f"fewer abnormal cells than needed: {n_half} positive {pool} bags x k={k} need "
-          f"{need_abn} distinct abnormal cells but the {pool} pool has {len(abnormal)} "
-          "(set bags.allow_reuse=True, lower bags.witness_rate or the bag count)"
-      )
-    need_norm = n_half * bag_size + n_half * (bag_size - k)
-    if need_norm > len(normal) and not allow_reuse:
-      raise UserError(
-          f"not enough normal cells: the {pool} bags need {need_norm} distinct normal cells "
-          f"but the {pool} pool has {len(normal)} (set bags.allow_reuse=True, or use fewer "
-          "or smaller bags)"
-      )
-    rng = np.random.default_rng([seed, _DRAW, pool_idx])
-    norm_cyc = _Cycler(normal, rng, allow_reuse, f"normal cells in the {pool} pool")
-    abn_cyc = _Cycler(abnormal, rng, allow_reuse, f"abnormal cells in the {pool} pool")
-    drawn = []
-    for _ in range(n_half):  # alternate negative / positive so any reuse is spread evenly
-      neg = norm_cyc.take(bag_size)
-      drawn.append((0, 0, rng.permutation(neg)))
-      pos = np.concatenate([abn_cyc.take(k), norm_cyc.take(bag_size - k)])
-      drawn.append((1, k, rng.permutation(pos)))
-    # Listing order shuffled so that a bag's id says nothing about its label.
-    order = np.random.default_rng([seed, _ORDER, pool_idx]).permutation(len(drawn))
-    drawn = [drawn[i] for i in order]
-    splits = [pool] * len(drawn)
-    if pool == "train" and val_fraction > 0:
-      vrng = np.random.default_rng([seed, _VAL])
-      for lab in (0, 1):
-        members = [i for i, d in enumerate(drawn) if d[0] == lab]
-        n_val = int(math.floor(len(members) * val_fraction + 0.5))
-        if len(members) >= 2:
-          n_val = min(max(n_val, 1), len(members) - 1)
-        for i in vrng.choice(members, size=n_val, replace=False):
-          splits[int(i)] = "val"
-    counters = {s: 0 for s in SPLITS}
-    for (lab, kk, members), split in zip(drawn, splits):
-      bags.append({
-          "id": f"{split}-{counters[split]:03d}",
-          "split": split,
-          "label": int(lab),
-          "k": int(kk),
-          "cells": [int(x) for x in members],
-      })
-      counters[split] += 1
-    pool_bags = [d[2] for d in drawn]
-    reuse[pool] = {
-        "normal": _reuse_stats(
-            [[int(x) for x in b if labels[x] == 0] for b in pool_bags], len(normal)),
-        "abnormal": _reuse_stats(
-            [[int(x) for x in b if labels[x] == 1] for b in pool_bags], len(abnormal)),
-    }
-    reuse[pool]["normal"]["cycles"] = norm_cyc.cycles
-    reuse[pool]["abnormal"]["cycles"] = abn_cyc.cycles
+    pool_bags, reuse[pool] = _pool_bags(pool, pool_idx, n_bags, normal, abnormal, labels, bag_size=bag_size, k=k,
+                                        val_fraction=val_fraction, allow_reuse=allow_reuse, seed=seed)
+    bags += pool_bags
   return {"cells": cells, "bags": bags, "reuse": reuse, "k": k}
 
 
@@ -274,7 +309,8 @@ def settings_from_config(cfg: Any) -> dict[str, Any]:
   }
 
 
-def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]) -> tuple[str, dict[str, list[str]], dict[str, Any], list[dict[str, str]]]:
+def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]
+                     ) -> tuple[str, dict[str, list[str]], dict[str, Any], list[dict[str, str]]]:
   """(root, class -> paths, TFDS info, skipped files) from the prepared ``cell_folder``.
 
   The dataset is prepared from ``data.root`` first when ``data_dir`` does not hold it
