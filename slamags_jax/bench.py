@@ -69,11 +69,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slamags_jax import app, models, pretrain
 from slamags_jax import config as config_lib
 from slamags_jax.models import conv
-from slamags_jax.runtime import hugepages
-from slamags_jax import models, pretrain
-from slamags_jax.runtime import parallel
+from slamags_jax.runtime import hugepages, parallel
+from slamags_jax.runtime.errors import UserError
 
 
 def _flops(compiled) -> float:
@@ -141,13 +141,13 @@ class _Step:
 def bench_step(a) -> dict:
   cfg = _cfg(a)
   if not pretrain.METHODS[a.method].tasks:
-    raise SystemExit("error: --method random has no training step to time")
+    raise UserError("--method random has no training step to time")
   mesh = parallel.data_mesh()
   n_dev = mesh.size
   if a.pos % n_dev or a.neg % n_dev:
-    raise SystemExit(f"error: --pos and --neg must be multiples of the {n_dev} devices")
+    raise UserError(f"--pos and --neg must be multiples of the {n_dev} devices")
   if a.surgery_overhead and len(pretrain.METHODS[a.method].tasks) < 2:  # before any compile
-    raise SystemExit("error: --surgery-overhead needs a two-task method (slam_ags, pcgrad)")
+    raise UserError("--surgery-overhead needs a two-task method (slam_ags, pcgrad)")
   rng = np.random.default_rng(a.seed)
   batch = parallel.global_batch({"pos": rng.integers(0, 256, (a.pos, 2, a.size, a.size, 3), dtype=np.uint8),
                                  "neg": rng.integers(0, 256, (a.neg, 2, a.size, a.size, 3), dtype=np.uint8)}, mesh)
@@ -322,19 +322,18 @@ def _parse_workers(text: str) -> list[int]:
   except ValueError:
     workers = []
   if not workers or any(w < 0 or w > 64 for w in workers):
-    raise SystemExit(f"error: --workers must be a comma list of worker counts in 0..64, got {text!r}")
+    raise UserError(f"--workers must be a comma list of worker counts in 0..64, got {text!r}")
   return workers
 
 
 def bench_input(a) -> dict:
-  from slamags_jax.data import device_augment
-  from slamags_jax.data import input_pipeline
+  from slamags_jax.data import device_augment, input_pipeline
   workers = _parse_workers(a.workers)
   batch = 32 if a.batch is None else a.batch
   if not 8 <= a.crop <= a.image_size:
-    raise SystemExit(f"error: --crop must be in 8..--image-size ({a.image_size}), got {a.crop}")
+    raise UserError(f"--crop must be in 8..--image-size ({a.image_size}), got {a.crop}")
   if batch < 2 or a.cells < batch:
-    raise SystemExit(f"error: --cells ({a.cells}) must be at least --batch ({batch}) and --batch at least 2")
+    raise UserError(f"--cells ({a.cells}) must be at least --batch ({batch}) and --batch at least 2")
   cfg = config_lib.get_base_config()
   cfg.seed = a.seed
   cfg.data.image_size, cfg.data.crop_size = a.image_size, a.crop
@@ -391,8 +390,9 @@ def bench_input(a) -> dict:
   return out
 
 
+@app.guarded
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = app.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--mode", choices=("step", "embed", "mil", "matmul", "input"), default="step")
   p.add_argument("--pos", type=int, default=32, help="positive patches per step")
   p.add_argument("--neg", type=int, default=32, help="negative patches per step")
@@ -429,5 +429,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
-  main()
+  app.run_argparse(main)

@@ -26,17 +26,16 @@ status 2; every file is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import subprocess
-import sys
 from typing import Any
 
 import numpy as np
 
-from slamags_jax.runtime import fileio
+from slamags_jax import app
 from slamags_jax.interop import torchvision as torchvision_io
+from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 
 TARGETS = ("torchvision",)
@@ -159,7 +158,8 @@ def export(workdir: str, to: str, out: str) -> dict:
   torchvision_io.save(head_path, head, {**meta, "part": "head"})
   layers = "nn.Linear, nn.ReLU(), nn.Linear" + (", nn.Linear" if "3.weight" in head else "")
   files["head"] = {"path": os.path.basename(head_path), "keys": len(head),
-                   "layout": f"nn.Sequential({layers}) state_dict (weights [out, in]); input: the encoder's pooled features"}
+                   "layout": f"nn.Sequential({layers}) state_dict (weights [out, in]); "
+                             "input: the encoder's pooled features"}
 
   mil_summary = _read_json(os.path.join(workdir, "mil", "summary.json"))
   if mil_summary is not None:
@@ -204,23 +204,20 @@ def jax_to_numpy(tree: Any) -> Any:
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one line and status 2, as main.py
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-  p = _Parser(prog="python -m slamags_jax.export", description=__doc__.split("\n\n")[0])
+  p = app.ArgumentParser(prog="python -m slamags_jax.export", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="a run's folder (its pretrain stage complete)")
   p.add_argument("--to", default="torchvision", help="target layout: torchvision")
   p.add_argument("--out", required=True, help="the encoder's .safetensors file; head, MIL and model card beside it")
   a = p.parse_args(argv)
+  app.quiet_libraries()
   try:
     card = export(a.workdir, a.to, a.out)
-  except UserError as e:
-    sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    code = app.exit_status(e)  # bad input or an I/O failure: one `error:` line, 2
+    if code is None:
+      raise
+    return code
   out_dir = os.path.dirname(os.path.abspath(a.out))
   for name, item in card["files"].items():
     print(f"{name}: {os.path.join(out_dir, item['path'])}")
@@ -232,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run_argparse(main)

@@ -28,16 +28,14 @@ anything is written. Unreadable images are skipped and named in the log.
 from __future__ import annotations
 
 import csv
-import logging as pylogging
 import os
-import sys
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from slamags_jax import app
 from slamags_jax import config as config_lib
-from slamags_jax.runtime import hugepages
 from slamags_jax.runtime.errors import UserError
 
 _FLAGS: dict[str, Any] = {}
@@ -49,9 +47,13 @@ def _define_flags() -> None:
       workdir=flags.DEFINE_string("workdir", None, "A run's workdir with a trained MIL (the mil stage complete)."),
       slides=flags.DEFINE_string("slides", None, "Folder with one sub-folder of single-cell images per slide."),
       out=flags.DEFINE_string("out", None, "Folder for the predictions (created if missing)."),
-      min_cells=flags.DEFINE_integer("min_cells", None, "Fewest readable images per slide (default: the run's bags.min_cells)."),
-      batch_size=flags.DEFINE_integer("batch_size", None, "Cells per embedding batch (default: the run's embed.batch_size)."),
-      check_images=flags.DEFINE_bool("check_images", None, "Decode every image first and skip unreadable ones (default: the run's data.check_images)."))
+      min_cells=flags.DEFINE_integer("min_cells", None,
+                                     "Fewest readable images per slide (default: the run's bags.min_cells)."),
+      batch_size=flags.DEFINE_integer("batch_size", None,
+                                      "Cells per embedding batch (default: the run's embed.batch_size)."),
+      check_images=flags.DEFINE_bool(
+          "check_images", None,
+          "Decode every image first and skip unreadable ones (default: the run's data.check_images)."))
 
 
 def run_config(workdir: str):
@@ -80,7 +82,8 @@ def check_trained(workdir: str) -> None:
   for rel, what in (("mil/summary.json", "trained MIL"), ("mil/checkpoints", "MIL checkpoint"),
                     ("pretrain/encoder", "pretrained encoder"), ("embeddings/index.json", "embeddings")):
     if not os.path.exists(os.path.join(workdir, rel)):
-      raise UserError(f"--workdir {workdir} has no {what} ({rel} missing): run the pipeline through the mil stage first")
+      raise UserError(f"--workdir {workdir} has no {what} ({rel} missing): "
+                      "run the pipeline through the mil stage first")
 
 
 def plan_slides(slides_root: str, min_cells: int, check_images: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -121,9 +124,8 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
 
   # The model stack only once the input is good.
   from slamags_jax import embed, mil, models  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import fileio
-  from slamags_jax.runtime import parallel
   from slamags_jax.report import cells_csv, gallery, tables
+  from slamags_jax.runtime import fileio, parallel
   params, meta = mil.load_checkpoint(workdir, "best")
   labels = list(meta.get("labels") or ["normal", "abnormal"])
   model = mil.model_from_meta(meta)
@@ -136,7 +138,8 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   scored = []
   for bag, embs in embed.stream_bags(manifest, cfg, encoder, variables, mesh, batch_size=batch_size):
     if embs.shape[1] != int(meta["input_dim"]):
-      raise UserError(f"the encoder gives {embs.shape[1]}-dim embeddings, the MIL checkpoint expects {meta['input_dim']}")
+      raise UserError(f"the encoder gives {embs.shape[1]}-dim embeddings, "
+                      f"the MIL checkpoint expects {meta['input_dim']}")
     x = mil.prepare_inputs([{"id": bag["id"], "embeddings": embs}], meta)
     p = mil.predict(model, params, x, forward=forward)
     scored.append({"id": bag["id"], "label": None, "pred": int(p["pred"][0]), "probs": p["probs"][0],
@@ -177,45 +180,19 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   return {"slides": len(scored), "cells": n_cells, "wall_s": wall, "skipped": skipped}
 
 
-def _fail(message: str) -> None:
-  sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
-  sys.stderr.flush()
-  sys.exit(2)
-
-
+@app.guarded
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    app.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   for name, example in (("workdir", "--workdir=workdirs/demo"), ("slides", "--slides=new_slides"),
                         ("out", "--out=predictions")):
     if not _FLAGS[name].value:
-      _fail(f"--{name} is required, e.g. {example}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  try:
-    predict_slides(_FLAGS["workdir"].value, _FLAGS["slides"].value, _FLAGS["out"].value,
-                   min_cells=_FLAGS["min_cells"].value, batch_size=_FLAGS["batch_size"].value,
-                   check_images=_FLAGS["check_images"].value)
-  except UserError as e:
-    _fail(str(e))
-
-
-class _QuietLibraries(pylogging.Filter):
-  """Keeps checkpointing and runtime libraries' INFO chatter out of the log (as ``main``)."""
-  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-    return []
+      app.fail(f"--{name} is required, e.g. {example}")
+  predict_slides(_FLAGS["workdir"].value, _FLAGS["slides"].value, _FLAGS["out"].value,
+                 min_cells=_FLAGS["min_cells"].value, batch_size=_FLAGS["batch_size"].value,
+                 check_images=_FLAGS["check_images"].value)
 
 
 if __name__ == "__main__":
-  hugepages.reexec_if_useful()
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main)

@@ -40,10 +40,11 @@ def test_embed_mil_and_matmul_modes(capsys):
   assert mm["n"] == 64 and mm["gflops_per_second"] > 0
 
 
-def test_surgery_overhead_needs_two_tasks():
-  with pytest.raises(SystemExit, match="error:"):
+def test_surgery_overhead_needs_two_tasks(capsys):
+  with pytest.raises(SystemExit) as e:
     bench.main(["--pos", "2", "--neg", "2", "--size", "16", "--steps", "1", "--width", "4",
                 "--method", "simclr", "--surgery-overhead"])
+  assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
 def test_input_mode_times_the_pipeline_per_worker_count(capsys):
@@ -66,9 +67,11 @@ def test_input_mode_on_device(capsys):
 
 @pytest.mark.parametrize("args", [["--workers", "1,x"], ["--workers", "-1"], ["--cells", "2", "--batch", "4"],
                                   ["--crop", "80"]])
-def test_input_mode_bad_flags_are_one_error(args):
-  with pytest.raises(SystemExit, match="error:"):
+def test_input_mode_bad_flags_are_one_error(args, capsys):
+  with pytest.raises(SystemExit) as e:
     bench.main(["--mode", "input", *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
 
 
 def test_cpu_delta_ignores_exited_processes_and_counts_new_ones():
