@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from slamags_jax import methods, pipeline
 from slamags_jax.runtime.errors import UserError
 
-STAGES = ("bags", "pretrain", "embed", "mil", "report")
-METHODS = ("slam_ags", "weaksupcon", "pcgrad", "simclr", "weakly", "random",
-           "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
-TWO_TASK_METHODS = ("slam_ags", "weaksupcon", "pcgrad", "slam_ags_heads", "weaksupcon_heads", "pcgrad_heads")
+STAGES = pipeline.NAMES  # pipeline order
+METHODS = methods.NAMES  # slamags_jax.methods: the one method registry
+TWO_TASK_METHODS = methods.TWO_TASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +206,41 @@ def get_base_config() -> ml_collections.ConfigDict:
     node[leaf] = f.default
   return cfg
 
+
+
+def unknown_key_message(key: str, where: str) -> str:
+  """The error for a ``--config.<key>`` that names no config key, with the closest key when one is close."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(key, list(FIELDS_BY_KEY), n=1)
+  hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m slamags_jax.config` for the keys"
+  return f"unknown config key {key!r} in {where}{hint}"
+
+
+def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """The config as ``main`` builds it from the file and ``--config.<key>=<value>`` flags, validated.
+
+  The one loader of the tools that read a config outside ``main`` (the sweep, the folds runner).
+  ``UserError`` for a missing file, an unknown key, a value that does not parse or validate.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(config_path):
+    raise UserError(f"config file {config_path!r} {'is not a file' if os.path.exists(config_path) else 'not found'}")
+  for key, _ in overrides:
+    if key not in FIELDS_BY_KEY:
+      raise UserError(unknown_key_message(key, f"--config.{key}"))
+  fv = flags.FlagValues()
+  argv = ["load", f"--config={config_path}", *[f"--config.{k}={v}" for k, v in overrides]]
+  # sys_argv: the override flags are declared from the argv seen at definition time.
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+    cfg = fv["config"].value
+    cfg.keys()  # ml_collections defers a config file's load error to the first use
+  except Exception as e:  # a config that fails to load, a bad value
+    raise UserError(" ".join(f"{type(e).__name__}: {e}".split())) from e
+  validate(cfg)
+  return cfg
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   out = {}

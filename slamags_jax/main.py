@@ -23,74 +23,23 @@ Faults: one run per workdir (a second one gets an `error:` line naming the first
 
 from __future__ import annotations
 
-import difflib
 import errno
-import logging as pylogging
 import os
 import re
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from slamags_jax import app, pipeline
 from slamags_jax import config as config_lib
-from slamags_jax.runtime import hugepages
-from slamags_jax.runtime import ioerrors
-from slamags_jax.runtime import preemption
 from slamags_jax.runtime.errors import UserError
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for every output of the run (created if missing).")
 
-# Completion marker of each stage, relative to the workdir.
-MARKERS = {
-    "bags": "bags/manifest.json",
-    "pretrain": "pretrain/summary.json",
-    "embed": "embeddings/index.json",
-    "mil": "mil/summary.json",
-    "report": "report/summary.json",
-}
-# Config keys (prefixes) each stage's output depends on, beyond those of earlier stages.
-STAGE_KEYS = {
-    "bags": ("seed", "data.", "bags."),
-    "pretrain": ("augment.", "model.", "pretrain."),
-    "embed": ("embed.",),
-    "mil": ("mil.",),
-    "report": ("report.",),
-}
-# Keys that change how a run goes, not what it produces.
-OPERATIONAL = {"stages", "tensorboard", "data.workers", "data.tfds_data_dir", "pretrain.checkpoint_every_steps",
-               "pretrain.keep_checkpoints", "pretrain.log_every_steps", "pretrain.max_bad_steps",
-               "pretrain.start_over_if_damaged",
-               "embed.batch_size", "report.gallery_bags", "report.gallery_max_cells"}
-
-
-def _stage_fn(stage: str):
-  # Imported on demand: `--config.stages=bags` never loads the model stack.
-  if stage == "bags":
-    from slamags_jax import bags
-    return bags.run
-  if stage == "pretrain":
-    from slamags_jax import pretrain
-    return pretrain.run
-  if stage == "embed":
-    from slamags_jax import embed
-    return embed.run
-  if stage == "mil":
-    from slamags_jax import mil
-    return mil.run
-  from slamags_jax import report
-  return report.run
-
-
-def _keys_of(stage: str) -> tuple[str, ...]:
-  keys: tuple[str, ...] = ()
-  for s in config_lib.STAGES:
-    keys += STAGE_KEYS[s]
-    if s == stage:
-      return keys
-  raise KeyError(stage)
+MARKERS = pipeline.MARKERS  # completion marker of each stage, relative to the workdir
+OPERATIONAL = pipeline.OPERATIONAL  # keys that change how a run goes, not what it produces
 
 
 def _complete(workdir: str, stage: str) -> bool:
@@ -115,19 +64,20 @@ def check_workdir_config(flat: dict, workdir: str) -> None:
     old = fileio.read_json(path)
   except ValueError:
     return  # unreadable: nothing to compare against
-  for stage in config_lib.STAGES:
+  for stage in pipeline.NAMES:
     done = _complete(workdir, stage)
     if not (done or _resumable(workdir, stage)):
       continue
     for key in sorted(flat):
-      if key in OPERATIONAL or not key.startswith(_keys_of(stage)) or key not in old:
+      if key in OPERATIONAL or not key.startswith(pipeline.keys_of(stage)) or key not in old:
         continue
       now = list(flat[key]) if isinstance(flat[key], tuple) else flat[key]
       if old[key] != now:
         what = "was made" if done else "has checkpoints (a re-run continues them) made"
         raise UserError(
             f"stage '{stage}' in {workdir} {what} with {key}={old[key]!r}, now {now!r}: use a new --workdir, "
-            f"or remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' folders to redo it")
+            f"or remove {os.path.join(workdir, os.path.dirname(MARKERS[stage]))} and the later stages' folders "
+            "to redo it")
 
 
 def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
@@ -137,7 +87,7 @@ def check_stage_inputs(cfg, workdir: str, wanted: list[str]) -> None:
   now. A completed stage after an unfinished one was made from outputs that are gone
   (or being redone), and would be silently reused.
   """
-  stages = config_lib.STAGES
+  stages = pipeline.NAMES
   for before, stage in zip(stages, stages[1:]):
     if stage in wanted and not _complete(workdir, stage) and not (before in wanted or _complete(workdir, before)):
       raise UserError(f"stage '{stage}' needs the output of stage '{before}', which is not in {workdir}: "
@@ -169,9 +119,8 @@ def run(cfg, workdir: str) -> None:
   if not os.access(workdir, os.W_OK | os.X_OK):
     code = errno.EROFS if os.statvfs(workdir).f_flag & os.ST_RDONLY else errno.EACCES
     raise UserError(f"--workdir {workdir} is not writable: {os.strerror(code)} ({errno.errorcode[code]})")
-  _enable_compilation_cache()
-  from slamags_jax.runtime import parallel
-  from slamags_jax.runtime import workdir_lock
+  app.enable_compilation_cache()
+  from slamags_jax.runtime import parallel, workdir_lock
   parallel.initialize()
   with workdir_lock.hold(workdir):  # one run per workdir, taken before anything is written
     if parallel.is_writer():
@@ -183,14 +132,14 @@ def run(cfg, workdir: str) -> None:
       for path in stale:
         logging.info("removed %s, left by a killed write", path)
       fileio.write_json(os.path.join(workdir, "config.json"), flat)
-    for stage in config_lib.STAGES:
+    for stage in pipeline.NAMES:
       if stage not in wanted:
         continue
       if _complete(workdir, stage):
         logging.info("stage %s: already complete in %s, skipped", stage, workdir)
         continue
       logging.info("stage %s: running", stage)
-      _stage_fn(stage)(cfg, workdir)
+      pipeline.stage_fn(stage)(cfg, workdir)
   report_md = os.path.join(workdir, "report", "report.md")
   if _complete(workdir, "report") and os.path.exists(report_md):
     summary = fileio.read_json(os.path.join(workdir, MARKERS["report"]))
@@ -207,37 +156,8 @@ def run(cfg, workdir: str) -> None:
     logging.info("done: %s", workdir)
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Keeps checkpointing and runtime libraries' INFO chatter out of the run's log."""
-  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    if record.levelno >= pylogging.ERROR and _library_io_failure(record):
-      return False  # the run ends with one `error:` line naming the path and errno
-    return record.levelno >= pylogging.WARNING or not any(s in record.pathname for s in self.NOISY)
-
-
-def _library_io_failure(record: pylogging.LogRecord) -> bool:
-  """An orbax / asyncio record about a failed write (tensorstore's OS error code in it or its exception)."""
-  if not any(s in record.pathname for s in _QuietLibraries.NOISY + (f"{os.sep}asyncio{os.sep}",)):
-    return False
-  text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] else "")
-  return ioerrors.mentions_os_error(text)
-
-
-def _enable_compilation_cache() -> None:
-  """XLA's persistent cache: repeated runs with the same shapes skip compilation."""
-  import jax
-  cache = os.environ.get("SLAMAGS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "slamags-jax", "xla"))
-  if cache and cache.lower() != "off":
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def _fail(message: str) -> None:
-  sys.stderr.write(f"error: {message}\n")
-  sys.stderr.flush()
-  sys.exit(2)
+  app.fail(message)
 
 
 _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(?:=|$)")
@@ -248,10 +168,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   for arg in argv[1:]:
     m = _OVERRIDE.match(arg)
     if m and m.group(1) not in config_lib.FIELDS_BY_KEY:
-      key = m.group(1)
-      close = difflib.get_close_matches(key, list(config_lib.FIELDS_BY_KEY), n=1)
-      hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m slamags_jax.config` for the keys"
-      return f"unknown config key {key!r} in {arg.split('=', 1)[0]}{hint}"
+      return config_lib.unknown_key_message(m.group(1), arg.split("=", 1)[0])
   return None
 
 
@@ -282,30 +199,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+@app.guarded
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=configs/demo.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=workdirs/demo")
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    _fail(" ".join(str(e).split()))
-  except preemption.Preempted as e:  # the stage saved its progress and logged so
-    sys.exit(e.exit_code)
-  except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing half-written (atomic outputs)
-    sys.stderr.write("interrupted\n")
-    sys.exit(130)
-  except Exception as e:  # pylint: disable=broad-except
-    message = ioerrors.describe(e)  # disk full, read-only, permission denied: not a bug
-    if message is None:
-      raise
-    _fail(message)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
   app.run(main, flags_parser=_parse_flags)

@@ -1,41 +1,14 @@
-"""The pretraining methods (the one registry: tasks, gradient combination, views) and their combine transforms."""
+"""The pretraining methods' combine transforms (the registry itself: ``slamags_jax.methods``)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import optax
 
 from slamags_jax import surgery
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  tasks: tuple[str, ...]  # task names, in the order of the stacked gradients
-  combine: str  # "ags" | "pcgrad" | "sum"
-  neg_center_view: bool  # negative view 0 is the plain centre crop (SLAM methods)
-
-
-_TWO_TASKS = ("ntxent", "similarity")
-
-
-METHODS = {
-    "slam_ags": Method(_TWO_TASKS, "ags", True),
-    "weaksupcon": Method(_TWO_TASKS, "sum", True),
-    "pcgrad": Method(_TWO_TASKS, "pcgrad", True),
-    "simclr": Method(("ntxent_all",), "sum", False),
-    "weakly": Method(("ce",), "sum", False),
-    "random": Method((), "sum", False),
-    # The same three with one projection head per task on the shared encoder (the model
-    # reads the `_heads` suffix: models.task_heads). results/collapse: the shared head
-    # collapses under the similarity loss's pull; a head of its own lets that task be met
-    # without flattening the contrastive head.
-    "slam_ags_heads": Method(_TWO_TASKS, "ags", True),
-    "weaksupcon_heads": Method(_TWO_TASKS, "sum", True),
-    "pcgrad_heads": Method(_TWO_TASKS, "pcgrad", True),
-}
+from slamags_jax.methods import METHODS, Method  # noqa: F401  (the registry, re-exported)
 
 
 def combine_transform(method: Method, seed: int) -> optax.GradientTransformation:
