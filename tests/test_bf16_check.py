@@ -1,15 +1,11 @@
-"""launch/bf16_check.py: its flags, the runs it would start, and the comparison (fake curves, no training)."""
+"""tools/studies/bf16_check.py: its flags, the runs it would start, and the comparison (fake curves, no training)."""
 
 import json
 import os
-import sys
 
 import pytest
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import bf16_check  # noqa: E402
+from tools.studies import bf16_check
 
 
 def test_defaults_and_the_three_runs(tmp_path):

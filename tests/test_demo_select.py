@@ -1,19 +1,13 @@
-"""launch/demo_select.py: its probe and its row on a hand-made workdir (no training)."""
+"""tools/studies/demo_select.py: its probe and its row on a hand-made workdir (no training)."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy as np
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import demo_select  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from slamags_jax import bags  # noqa: E402  pylint: disable=g-import-not-at-top
+from slamags_jax import bags
+from tools.studies import demo_select
 
 
 def _workdir(path, separable):

@@ -1,24 +1,19 @@
-"""launch/faults.py's comparison: timing fields ignored, any other change caught.
+"""tools/faults.py's comparison: timing fields ignored, any other change caught.
 
 The fault runs themselves (kill -9 / SIGTERM and reruns) are in tests/test_reliability.py
 (pretraining, the CLI), tests/test_preemption.py (MIL), tests/test_ioerrors.py (a full
-disk) and tests/test_workdir_lock.py; the long form is `launch/faults.py --kills N`.
+disk) and tests/test_workdir_lock.py; the long form is `python -m tools.faults --kills N`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
 import numpy as np
 
 from slamags_jax.runtime import fileio
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("faults", os.path.join(REPO, "launch", "faults.py"))
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+from tools import faults
 
 
 def _workdir(root, wall: float, prob: np.ndarray):

@@ -23,7 +23,7 @@ from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slide_set  # noqa: E402  pylint: disable=g-import-not-at-top
+import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,9 +156,7 @@ def test_predict_bad_slides_folder(runs, tmp_path, case):
 
 
 def test_fold_runner_skips_done_folds_and_writes_mean_and_std(runs, tmp_path):
-  spec = importlib.util.spec_from_file_location("folds", os.path.join(REPO, "launch", "folds.py"))
-  folds = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(folds)
+  from tools import folds
   root = tmp_path / "cv"
   for fold in range(2):  # both folds done (the fixture's runs): resumed, nothing rerun
     shutil.copytree(runs[fold], root / f"fold{fold}")
@@ -173,7 +171,7 @@ def test_fold_runner_skips_done_folds_and_writes_mean_and_std(runs, tmp_path):
   mean, std = np.mean(accs), np.std(accs)
   assert f"{mean:.3f} ± {std:.3f}" in md.splitlines()[-1] and "auc_erb" in md
   # A fold whose run refuses its input stops the runner with that error (exit 2).
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "folds.py"), "--config=configs/demo.py",
+  proc = subprocess.run([sys.executable, "-m", "tools.folds", "--config=configs/demo.py",
                          f"--workdir={tmp_path / 'cv2'}", *runs["overrides"], "--config.data.negative_labels=healthy"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: data.negative_labels"), \

@@ -12,15 +12,12 @@ import csv
 import json
 import math
 import os
-import sys
 
 import pytest
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import pbc_erb_results as results_lib  # noqa: E402
-import pbc_erb_sweep as sweep_lib  # noqa: E402
+from tools.pbc_erb import results as results_lib
+from tools.pbc_erb import select as select_lib
+from tools.pbc_erb import sweep as sweep_lib
 
 REQUIRED = ("method, witness_rate, seed, bag_f1, bag_auc, bag_accuracy, topk_k, topk_found_mean, recall_at_k_mean, "
             "retrieval_ap_mean, final_effective_rank, conflict_fraction, mean_task_cosine, pretrain_wall_s, "
@@ -29,10 +26,11 @@ REQUIRED = ("method, witness_rate, seed, bag_f1, bag_auc, bag_accuracy, topk_k, 
 
 @pytest.fixture(autouse=True)
 def _restore_sigterm():
-  """sweep_lib.main installs its SIGTERM handler; other test files in this process need the default."""
+  """sweep_lib.main installs its SIGTERM handler while it runs, and puts the previous one back."""
   import signal
   before = signal.getsignal(signal.SIGTERM)
   yield
+  assert signal.getsignal(signal.SIGTERM) is before
   signal.signal(signal.SIGTERM, before)
 
 
@@ -314,9 +312,6 @@ def test_tuning_table_compares_settings_pooled_over_methods(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[2].startswith("| `aaaa` | pretrain.epochs=2 | 2 (slam_ags, simclr) | 50 / 50 | 0.600 ± 0.000")
   assert lines[3].startswith("| `bbbb` | pretrain.epochs=4 |") and "model.width" not in lines[3]
-
-
-import pbc_erb_select as select_lib  # noqa: E402
 
 
 def _selection_rows(tmp_path):
