@@ -42,6 +42,7 @@ from absl import logging
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from slamags_jax import app as cli
 from slamags_jax.data import cells as data_lib
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
@@ -171,7 +172,8 @@ class MatekBoneMarrow(CellFolder, skip_registration=not _REGISTER):
     """manual_dir itself, or its one sub-folder that holds the class folders."""
     if os.path.isdir(os.path.join(manual_dir, cls.CLASS_NAMES[0])):
       return manual_dir
-    subs = [e.path for e in os.scandir(manual_dir) if e.is_dir() and not e.name.startswith(".")] if os.path.isdir(manual_dir) else []
+    subs = ([e.path for e in os.scandir(manual_dir) if e.is_dir() and not e.name.startswith(".")]
+            if os.path.isdir(manual_dir) else [])
     hits = [s for s in subs if os.path.isdir(os.path.join(s, cls.CLASS_NAMES[0]))]
     return hits[0] if len(hits) == 1 else manual_dir
 
@@ -310,25 +312,21 @@ class RecordReader:
     return _as_str(self._open()[int(record)]["path"])
 
 
+@cli.guarded
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    builder = prepare(f.manual_dir, f.data_dir, f.name)
-    idx = index(builder)
-  except UserError as e:
-    import sys  # pylint: disable=g-import-not-at-top
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
+  builder = prepare(f.manual_dir, f.data_dir, f.name)
+  idx = index(builder)
   print(f"{builder.name}: {len(idx.paths)} records, {len(idx.classes)} classes, "
         f"{len(idx.skipped)} unreadable files skipped; in {builder.data_dir}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("manual_dir", None, "The cell folder (or the Matek TCIA folder).", required=True)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir to write the prepared dataset to.", required=True)
   flags.DEFINE_enum("name", "cell_folder", list(BUILDERS), "Which builder.")
   from slamags_jax.data import tfds_cells as _registered  # pylint: disable=g-import-not-at-top
-  app.run(_registered.main)
+  cli.run(_registered.main)
