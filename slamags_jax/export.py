@@ -82,9 +82,9 @@ def encoder_depth(encoder_params: dict) -> int:
 
 def bn_updates(pretrain_summary: dict | None, method: str) -> int:
   """BatchNorm running-average updates of a run: steps x tasks x 2 view batches (PyTorch's count)."""
-  from slamags_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from slamags_jax.methods import METHODS  # pylint: disable=g-import-not-at-top
   steps = int((pretrain_summary or {}).get("steps") or 0)
-  return steps * 2 * len(pretrain.METHODS[method].tasks) if method in pretrain.METHODS else 0
+  return steps * 2 * len(METHODS[method].tasks) if method in METHODS else 0
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
