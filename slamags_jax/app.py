@@ -130,7 +130,22 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
 
   from slamags_jax.runtime import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
-  app.run(main, flags_parser=flags_parser or parse_absl_flags)
+  app.run(main, flags_parser=_help_exits_zero(flags_parser or parse_absl_flags))
+
+
+_HELP = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
+
+
+def _help_exits_zero(parser: Callable[[list[str]], list[str]]) -> Callable[[list[str]], list[str]]:
+  """absl prints ``--help`` and exits 1; asking for help is not a failure, so it exits 0 (as argparse)."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return parser(argv)
+    except SystemExit as e:
+      if e.code == 1 and any(a in _HELP for a in argv[1:]):
+        sys.exit(0)
+      raise
+  return parse
 
 
 def run_argparse(main: Callable[[], int | None]) -> NoReturn:

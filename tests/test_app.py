@@ -1,7 +1,10 @@
 """The one CLI layer (slamags_jax.app): what each failure means at the top of a command."""
 
 import errno
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +43,13 @@ def test_export_reports_a_full_disk_as_one_error_line(tmp_path, monkeypatch, cap
   assert export.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'enc.safetensors'}"]) == 2
   err = capsys.readouterr().err
   assert len(err.splitlines()) == 1 and "ENOSPC" in err and "Traceback" not in err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cli", ["main", "predict", "export", "bench"])
+def test_every_command_answers_help_with_status_0(cli):
+  r = subprocess.run([sys.executable, "-m", f"slamags_jax.{cli}", "--help"], capture_output=True, text=True,
+                     timeout=300, env={**os.environ, "SLAMAGS_JAX_HUGEPAGES": "0"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "--workdir" in r.stdout + r.stderr or cli == "bench"
+  assert "Traceback" not in r.stderr
