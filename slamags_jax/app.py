@@ -44,7 +44,7 @@ def fail(message: Any) -> NoReturn:
 
 def exit_status(exc: BaseException) -> int | None:
   """Reports ``exc`` on stderr the command-line way and returns the exit status; None for a bug."""
-  from slamags_jax.runtime import preemption  # pylint: disable=g-import-not-at-top  (numpy, not jax)
+  from slamags_jax.runtime import preemption  # numpy, not jax
   if isinstance(exc, preemption.Preempted):  # the loop saved its progress and logged so
     return exc.exit_code
   if isinstance(exc, KeyboardInterrupt):  # Ctrl-C outside a training loop: outputs are written atomically
@@ -71,7 +71,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     quiet_libraries()
     try:
       return fn(*args, **kwargs)
-    except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    except (Exception, KeyboardInterrupt) as e:
       code = exit_status(e)
       if code is None:
         raise
@@ -100,7 +100,7 @@ def library_io_failure(record: pylogging.LogRecord) -> bool:
 
 def quiet_libraries() -> None:
   """Installs ``QuietLibraries`` on absl's log handler (once)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
   handler = logging.get_absl_handler()
   if not any(isinstance(f, QuietLibraries) for f in handler.filters):
     handler.addFilter(QuietLibraries())
@@ -108,7 +108,7 @@ def quiet_libraries() -> None:
 
 def enable_compilation_cache() -> None:
   """XLA's persistent cache: repeated runs with the same shapes skip compilation (``SLAMAGS_JAX_CACHE=off``: none)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   cache = os.environ.get("SLAMAGS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "slamags-jax", "xla"))
   if cache and cache.lower() != "off":
     jax.config.update("jax_compilation_cache_dir", cache)
@@ -117,7 +117,7 @@ def enable_compilation_cache() -> None:
 
 def parse_absl_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with a bad flag as one ``error:`` line and status 2."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -126,9 +126,9 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
   """Runs an absl program: re-executes once for huge pages when useful, then ``absl.app.run``."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
 
-  from slamags_jax.runtime import hugepages  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import hugepages
   hugepages.reexec_if_useful()  # once, before any work: huge pages for XLA's buffers
   app.run(main, flags_parser=_help_exits_zero(flags_parser or parse_absl_flags))
 
@@ -150,7 +150,7 @@ def _help_exits_zero(parser: Callable[[list[str]], list[str]]) -> Callable[[list
 
 def run_argparse(main: Callable[[], int | None]) -> NoReturn:
   """Runs an argparse program: huge pages as ``run``, then ``sys.exit(main())``."""
-  from slamags_jax.runtime import hugepages  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import hugepages
   hugepages.reexec_if_useful()
   sys.exit(main())
 

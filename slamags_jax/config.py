@@ -210,7 +210,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def unknown_key_message(key: str, where: str) -> str:
   """The error for a ``--config.<key>`` that names no config key, with the closest key when one is close."""
-  import difflib  # pylint: disable=g-import-not-at-top
+  import difflib
   close = difflib.get_close_matches(key, list(FIELDS_BY_KEY), n=1)
   hint = f"; did you mean {close[0]!r}?" if close else "; see `python -m slamags_jax.config` for the keys"
   return f"unknown config key {key!r} in {where}{hint}"
@@ -222,8 +222,8 @@ def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
   The one loader of the tools that read a config outside ``main`` (the sweep, the folds runner).
   ``UserError`` for a missing file, an unknown key, a value that does not parse or validate.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
   if not os.path.isfile(config_path):
     raise UserError(f"config file {config_path!r} {'is not a file' if os.path.exists(config_path) else 'not found'}")
   for key, _ in overrides:

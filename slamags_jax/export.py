@@ -71,7 +71,7 @@ def code_commit() -> dict[str, Any]:
 
 def encoder_depth(encoder_params: dict) -> int:
   """18, 34 or 50 from the blocks in a ResNet params tree."""
-  from slamags_jax import models  # pylint: disable=g-import-not-at-top
+  from slamags_jax import models
   blocks = tuple(sum(1 for name in encoder_params if name.startswith(f"layer{s}_")) for s in range(1, 5))
   bottleneck = "conv3" in encoder_params.get("layer1_0", {})
   for depth, stages in models.STAGE_BLOCKS.items():
@@ -82,7 +82,7 @@ def encoder_depth(encoder_params: dict) -> int:
 
 def bn_updates(pretrain_summary: dict | None, method: str) -> int:
   """BatchNorm running-average updates of a run: steps x tasks x 2 view batches (PyTorch's count)."""
-  from slamags_jax.methods import METHODS  # pylint: disable=g-import-not-at-top
+  from slamags_jax.methods import METHODS
   steps = int((pretrain_summary or {}).get("steps") or 0)
   return steps * 2 * len(METHODS[method].tasks) if method in METHODS else 0
 
@@ -112,7 +112,7 @@ def _data_card(manifest: dict | None) -> dict | None:
 
 def export(workdir: str, to: str, out: str) -> dict:
   """Writes the files listed in the module docstring; returns the model card."""
-  from slamags_jax.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import checkpoints
   if to not in TARGETS:
     raise UserError(f"--to={to!r} is not supported; targets: {', '.join(TARGETS)}")
   if not out:
@@ -163,7 +163,7 @@ def export(workdir: str, to: str, out: str) -> dict:
 
   mil_summary = _read_json(os.path.join(workdir, "mil", "summary.json"))
   if mil_summary is not None:
-    from slamags_jax import mil  # pylint: disable=g-import-not-at-top
+    from slamags_jax import mil
     mil_params, mil_meta = mil.load_checkpoint(workdir, "best")
     tensors = _flatten(jax_to_numpy(mil_params))
     for name in ("input_mean", "input_std"):
@@ -200,7 +200,7 @@ def export(workdir: str, to: str, out: str) -> dict:
 
 
 def jax_to_numpy(tree: Any) -> Any:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
   app.quiet_libraries()
   try:
     card = export(a.workdir, a.to, a.out)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     code = app.exit_status(e)  # bad input or an I/O failure: one `error:` line, 2
     if code is None:
       raise

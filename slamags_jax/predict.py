@@ -58,7 +58,7 @@ def _define_flags() -> None:
 
 def run_config(workdir: str):
   """The run's config, rebuilt from ``<workdir>/config.json`` over the current defaults."""
-  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"--workdir {workdir} has no config.json: not a run's workdir")
@@ -88,7 +88,7 @@ def check_trained(workdir: str) -> None:
 
 def plan_slides(slides_root: str, min_cells: int, check_images: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
   """(a manifest of the new slides, skipped files); ``UserError`` for no slides or too few cells."""
-  from slamags_jax.bags import slides as bags_slides  # pylint: disable=g-import-not-at-top
+  from slamags_jax.bags import slides as bags_slides
   folders = bags_slides.slide_folders(slides_root, "--slides")
   if not folders:
     raise UserError(f"--slides {slides_root!r} has no slide folders (expected <slides>/<slide_id>/<images>)")
@@ -123,7 +123,7 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   manifest, skipped = plan_slides(slides_root, min_cells, check)
 
   # The model stack only once the input is good.
-  from slamags_jax import embed, mil, models  # pylint: disable=g-import-not-at-top
+  from slamags_jax import embed, mil, models
   from slamags_jax.report import cells_csv, gallery, tables
   from slamags_jax.runtime import fileio, parallel
   params, meta = mil.load_checkpoint(workdir, "best")

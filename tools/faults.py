@@ -139,12 +139,12 @@ def _canon_json(path: str) -> str:
 
 
 def _canon_jsonl(path: str) -> str:
-  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio
   return json.dumps([_drop_timing(r) for r in fileio.read_jsonl(path)], sort_keys=True)
 
 
 def _same_arrays(a: dict, b: dict) -> bool:
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   if sorted(a) != sorted(b):
     return False
   for k in a:
@@ -157,14 +157,14 @@ def _same_arrays(a: dict, b: dict) -> bool:
 
 
 def _npz(path: str) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   with np.load(path) as z:
     return {k: z[k] for k in z.files}
 
 
 def _flat(tree) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -215,7 +215,7 @@ def compare(ref: str, work: str) -> tuple[int, list[str]]:
   # Arrays of the encoder and of the best and last MIL parameters.
   trees = {}
   if os.path.isdir(os.path.join(ref, "pretrain", "encoder")) or os.path.isdir(os.path.join(ref, "mil", "checkpoints")):
-    from slamags_jax import mil  # pylint: disable=g-import-not-at-top
+    from slamags_jax import mil
     from slamags_jax.runtime import checkpoints
   if os.path.isdir(os.path.join(ref, "pretrain", "encoder")):
     trees["pretrain/encoder"] = lambda w: checkpoints.load_encoder(os.path.join(w, "pretrain", "encoder"))
@@ -226,7 +226,7 @@ def compare(ref: str, work: str) -> tuple[int, list[str]]:
     compared += 1
     try:
       same = _same_arrays(_flat(load(ref)), _flat(load(work)))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       differ.append(f"{name} ({type(e).__name__}: {e})")
       continue
     if not same:
@@ -302,7 +302,7 @@ def _wait_for(pred, proc: Attempt, limit: float = TIMEOUT) -> bool:
 
 
 def _steps_logged(work: str) -> list[int]:
-  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import fileio
   return [r["step"] for r in fileio.read_jsonl(os.path.join(work, "pretrain", "metrics.jsonl"))
           if r.get("kind") == "step"]
 

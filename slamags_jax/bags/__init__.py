@@ -30,7 +30,7 @@ from absl import logging
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 # The simulation's functions stay importable from here (other modules and tests use them).
-from slamags_jax.bags.simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401  pylint: disable=unused-import
+from slamags_jax.bags.simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401
 
 FORMAT = "slamags-bags/1"
 MANIFEST = os.path.join("bags", "manifest.json")
@@ -42,10 +42,10 @@ def source_module(cfg: Any):
   """The module of the bag source named by ``bags.source``."""
   source = cfg.bags.source
   if source == "simulated":
-    from slamags_jax.bags import simulated as bags_simulated  # pylint: disable=g-import-not-at-top
+    from slamags_jax.bags import simulated as bags_simulated
     return bags_simulated
   if source == "slides":
-    from slamags_jax.bags import slides as bags_slides  # pylint: disable=g-import-not-at-top
+    from slamags_jax.bags import slides as bags_slides
     return bags_slides
   raise UserError(f"config key 'bags.source' must be one of {', '.join(SOURCES)}, got {source!r}")
 
@@ -62,7 +62,7 @@ def run(cfg: Any, workdir: str) -> None:
   records when it prepares them, the manifest) and the others wait for it; no stage
   computation is collective here.
   """
-  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top  (jax only when the stage runs)
+  from slamags_jax.runtime import parallel  # jax only when the stage runs
   # Every process decided to run this stage before process 0 can complete it (writing the
   # stage's marker): a process that checked later would skip it and miss the barriers.
   parallel.sync("bags: start")

@@ -316,7 +316,7 @@ def _cells_from_tfds(cfg: Any, workdir: str, classes: Sequence[str]
   The dataset is prepared from ``data.root`` first when ``data_dir`` does not hold it
   yet; once prepared, ``data.root`` may be left empty.
   """
-  from slamags_jax.data import tfds_cells  # pylint: disable=g-import-not-at-top  (TFDS only when used)
+  from slamags_jax.data import tfds_cells  # TFDS only when used
   data_dir = tfds_cells.resolve_data_dir(cfg.data.tfds_data_dir, workdir)
   builder = tfds_cells.prepare(cfg.data.root, data_dir)
   index = tfds_cells.index(builder)

@@ -181,7 +181,7 @@ def _keyed_state(seed: int, stream: int, *more: int) -> int:
 def fold_splits(labels: Sequence[int], patients: Sequence[str], folds: int, fold: int,
                 val_fraction: float, seed: int) -> list[str]:
   """Per slide: train / val / test of fold ``fold`` of ``folds`` (see the module docstring)."""
-  from sklearn.model_selection import StratifiedGroupKFold  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import StratifiedGroupKFold
   y = np.asarray(labels, np.int64)
   groups = np.asarray(patients)
   n_groups = len(set(patients))

@@ -108,7 +108,7 @@ def check_image_bytes(data: bytes) -> str | None:
     return "not an image"
   except Image.DecompressionBombError as e:
     return f"decompression bomb: {e}"
-  except Exception as e:  # pylint: disable=broad-except  (plugins raise all sorts on bad input)
+  except Exception as e:  # plugins raise all sorts on bad input
     msg = str(e).strip() or type(e).__name__
     return f"cannot decode: {msg}"
   return None

@@ -89,7 +89,7 @@ class CellImages:
     self.records = None
     self.reader = None
     if source == "tfds":
-      from slamags_jax.data import tfds_cells  # pylint: disable=g-import-not-at-top
+      from slamags_jax.data import tfds_cells
       info = manifest.get("tfds") or {}
       data_dir = info.get("data_dir") or tfds_data_dir
       name = info.get("name", "cell_folder")
@@ -286,7 +286,7 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   """Loading workers ignore Ctrl-C: a terminal sends SIGINT to the whole process group,
   and the main process alone decides (it saves the step and stops; see ``preemption``)."""
   del worker_index, worker_count
-  import signal  # pylint: disable=g-import-not-at-top
+  import signal
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

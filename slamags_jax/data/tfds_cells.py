@@ -179,10 +179,10 @@ class MatekBoneMarrow(CellFolder, skip_registration=not _REGISTER):
 
   def _info(self) -> tfds.core.DatasetInfo:
     info = super()._info()
-    info._info_proto.description = (  # pylint: disable=protected-access
+    info._info_proto.description = (
         "Matek et al. 2021: 171,374 expert-annotated bone-marrow cells (250x250 px "
         "JPEGs, May-Gruenwald-Giemsa), 21 classes. License: CC BY 4.0.")
-    info._info_proto.citation = _CITATION_MATEK  # pylint: disable=protected-access
+    info._info_proto.citation = _CITATION_MATEK
     return info
 
 
@@ -315,7 +315,7 @@ class RecordReader:
 @cli.guarded
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   f = flags.FLAGS
   builder = prepare(f.manual_dir, f.data_dir, f.name)
   idx = index(builder)
@@ -324,9 +324,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("manual_dir", None, "The cell folder (or the Matek TCIA folder).", required=True)
   flags.DEFINE_string("data_dir", None, "TFDS data_dir to write the prepared dataset to.", required=True)
   flags.DEFINE_enum("name", "cell_folder", list(BUILDERS), "Which builder.")
-  from slamags_jax.data import tfds_cells as _registered  # pylint: disable=g-import-not-at-top
+  from slamags_jax.data import tfds_cells as _registered
   cli.run(_registered.main)

@@ -147,8 +147,8 @@ def encoder_from_torchvision(tensors: Mapping[str, np.ndarray], like: Mapping[st
 
 def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
   """Writes a safetensors file atomically (temporary file, then rename)."""
-  from safetensors.numpy import save as st_save  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import fileio  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save as st_save
+  from slamags_jax.runtime import fileio
   meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
   # np.asarray(order="C"), not ascontiguousarray: that makes 0-d arrays (num_batches_tracked) 1-d.
   fileio.write_bytes(path, st_save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata=meta))
@@ -156,12 +156,12 @@ def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
 
 def load(path: str) -> dict[str, np.ndarray]:
   """The arrays of a safetensors file; ``UserError`` when it is missing or not safetensors."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file
   if not os.path.isfile(path):
     raise UserError(f"{path} not found (expected a .safetensors file)")
   try:
     return load_file(path)
-  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, or a dtype numpy lacks)
+  except Exception as e:  # SafetensorError, or a dtype numpy lacks
     raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {' '.join(str(e).split())}); "
                     "convert a PyTorch checkpoint with safetensors.torch.save_file(model.state_dict(), path)") from e
 
@@ -181,8 +181,8 @@ def init_state_from(state: Any, path: str) -> Any:
   """
   if not path:
     return state
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
   new = init_encoder({"params": state.params, "batch_stats": state.batch_stats}, path)
   new = jax.tree_util.tree_map(jnp.asarray, new)
   return state.replace(params=new["params"], batch_stats=new["batch_stats"])

@@ -43,7 +43,7 @@ RESUME_FILE = "resume"  # the orbax snapshot of the training state a preempted M
 
 def _fingerprint(cfg: Any, workdir: str, length: int) -> str:
   """What a resume snapshot must have been made from: the MIL settings, the seed and the embeddings."""
-  import hashlib  # pylint: disable=g-import-not-at-top
+  import hashlib
   h = hashlib.sha256()
   with open(os.path.join(workdir, "embeddings", "index.json"), "rb") as f:
     h.update(f.read())
@@ -60,7 +60,7 @@ def _load_resume(path: str, fingerprint: str, mil_cfg: Any, dim: int) -> tuple[A
   like = {"params": p0, "opt_state": jax.eval_shape(tx.init, p0), "best_params": p0}
   try:
     trees, progress = checkpoints.load_snapshot(path, like)
-  except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign file: MIL is cheap to redo)
+  except Exception as e:  # a damaged or foreign file: MIL is cheap to redo
     logging.warning("MIL: the resume snapshot %s does not load (%s: %s); training afresh", path, type(e).__name__, e)
     return None
   if progress.get("fingerprint") != fingerprint:

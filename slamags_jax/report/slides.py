@@ -59,7 +59,7 @@ def _retrieval(test: Sequence[dict[str, Any]], labels: Sequence[str], negative: 
 
 def _load_test(workdir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
   """The test slides' predictions with their cells' paths, annotations and witness flags."""
-  from slamags_jax import mil as mil_lib  # pylint: disable=g-import-not-at-top
+  from slamags_jax import mil as mil_lib
   cells = manifest["cells"]
   test = []
   for p in mil_lib.load_predictions(workdir):

@@ -73,7 +73,7 @@ def _write_pictures(cfg: Any, workdir: str, out: str, manifest: dict[str, Any], 
 
 def write_bag_report(cfg: Any, workdir: str, manifest: dict[str, Any], out: str) -> None:
   """Writes the simulated-bags report under ``out`` (``summary.json`` last)."""
-  from slamags_jax import mil as mil_lib  # pylint: disable=g-import-not-at-top
+  from slamags_jax import mil as mil_lib
   t0 = time.perf_counter()
   mil_summary = _read_json_if(os.path.join(workdir, "mil", "summary.json"))
   if mil_summary is None:
@@ -110,8 +110,8 @@ def run(cfg: Any, workdir: str) -> None:
   With several processes (multi-host), process 0 writes the report and the others wait
   for it (nothing here is a collective computation).
   """
-  from slamags_jax import bags as bags_lib  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from slamags_jax import bags as bags_lib
+  from slamags_jax.runtime import parallel
   # Every process decided to run this stage before process 0 can complete it (writing the
   # stage's marker): a process that checked later would skip it and miss the barriers.
   parallel.sync("report: start")
@@ -125,7 +125,7 @@ def run(cfg: Any, workdir: str) -> None:
     os.unlink(marker)
   manifest = bags_lib.load_manifest(workdir)
   if manifest.get("source") == "slides":  # the user's slides: per-class metrics, no simulation
-    from slamags_jax.report import slides  # pylint: disable=g-import-not-at-top
+    from slamags_jax.report import slides
     slides.run(cfg, workdir, manifest, out)
   else:
     write_bag_report(cfg, workdir, manifest, out)

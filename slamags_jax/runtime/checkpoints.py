@@ -83,8 +83,8 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves the checkpoints of ``steps`` to ``damaged_checkpoints/`` beside the manager's folder."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from absl import logging
+  from slamags_jax.runtime import parallel
   if not steps:
     return
   folder = os.path.abspath(os.fspath(mngr.directory))
@@ -140,14 +140,14 @@ def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: 
   starts from step 0). Only complete checkpoints are candidates: orbax never lists a
   ``*.orbax-checkpoint-tmp*`` folder as a step.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime.errors import UserError  # pylint: disable=g-import-not-at-top
+  from absl import logging
+  from slamags_jax.runtime.errors import UserError
   damaged: list[int] = []
   reasons: list[str] = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       state = restore(mngr, step, like_state, None)
-    except Exception as e:  # pylint: disable=broad-except  (tensorstore and orbax raise ValueError, OSError, ...)
+    except Exception as e:  # tensorstore and orbax raise ValueError, OSError, ...
       _quiet_closed_loop_callbacks()
       path = os.path.join(os.fspath(mngr.directory), str(step))
       logging.warning("the checkpoint %s does not restore (%s); skipped", path, _short(e))
@@ -174,7 +174,7 @@ def restore_data_iterator(mngr: ocp.CheckpointManager, step: int, data_iter: Any
   """
   try:
     mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
-  except Exception as e:  # pylint: disable=broad-except  (grain raises KeyError, ValueError, ...)
+  except Exception as e:  # grain raises KeyError, ValueError, ...
     return f"{type(e).__name__}: {e}"
   return None
 
@@ -199,7 +199,7 @@ def save_encoder(path: str, variables: dict) -> None:
   only process 0 clears leftovers of a killed save (another process must not delete
   the temporary folder process 0 has just created).
   """
-  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from slamags_jax.runtime import parallel
   if parallel.is_writer():
     remove_partial_saves(path)
   parallel.sync("encoder: leftovers removed")

@@ -36,7 +36,7 @@ class Preempted(Exception):
 
 
 def _multi_process() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top  (keeps this module light for main)
+  import jax  # keeps this module light for main
   return jax.process_count() > 1
 
 
@@ -56,7 +56,7 @@ class Guard:
     self._old: dict[int, Any] = {}
     self._multi = False
 
-  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+  def _handler(self, signum, frame):
     if self.signum is not None:  # a second signal: the default action, now
       signal.signal(signum, signal.SIG_DFL)
       signal.raise_signal(signum)
@@ -88,7 +88,7 @@ class Guard:
   def reached(self, step: int) -> bool:
     """True when the loop should save ``step`` and stop (the same step on every process)."""
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils
       hit = multihost_utils.reached_preemption_sync_point(int(step))
       if hit and self.signum is None:
         self.signum = signal.SIGTERM  # another process got the notice

@@ -91,8 +91,8 @@ def hold(workdir: str):
 
   Raises ``UserError`` on every process when it is held by another run.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from slamags_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  import jax
+  from slamags_jax.runtime import parallel
   lock, error = None, None
   if parallel.is_writer():
     try:
@@ -100,8 +100,8 @@ def hold(workdir: str):
     except UserError as e:
       error = e
   if jax.process_count() > 1:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np
+    from jax.experimental import multihost_utils
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not ok and error is None:
       error = UserError(f"workdir {workdir} is in use by another run (process 0 says by whom)")
