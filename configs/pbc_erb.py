@@ -45,7 +45,8 @@ Chosen: 4 epochs, lr 0.003. At lr 0.01 the two-task methods collapse (probe effe
 rank about 2 of 512) and 10 epochs cost 138 s of pretraining (the whole 90-run sweep would
 take about 4 h here); 4 epochs at lr 0.003 keep every pretraining run near 1 minute and
 the two-task runs less collapsed (rank about 4; still low next to simclr's 66 and
-weakly's 104: the pull-only loss on negatives squeezes the embedding). A third candidate (4 epochs, lr 0.001) was started and
+weakly's 104: the pull-only loss on negatives squeezes the embedding). A third candidate (4 epochs,
+lr 0.001) was started and
 stopped for time; it is not in the record. Single-seed numbers: they chose the settings,
 they are not results. Regenerate the table of the candidates with:
 

@@ -74,7 +74,8 @@ def stream_bags(manifest, cfg, model, variables, mesh, *, batch_size: int | None
       uses[i] = uses.get(i, 0) + 1
   held: dict[int, np.ndarray] = {}
   embedded, nxt = 0, 0
-  for b in progress(data, total=len(data), desc=desc, unit="batch", disable=not (show_progress and parallel.is_writer())):
+  quiet = not (show_progress and parallel.is_writer())
+  for b in progress(data, total=len(data), desc=desc, unit="batch", disable=quiet):
     gb = parallel.global_batch({"images": b["images"], "cell_ids": b["cell_ids"], "valid": b["valid"]}, mesh)
     e = parallel.to_host(embed_fn(variables, gb["images"]))
     valid = parallel.to_host(gb["valid"])

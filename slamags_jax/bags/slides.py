@@ -151,7 +151,8 @@ def check_min_cells(counts: Mapping[str, int], min_cells: int, readable: bool) -
   if few:
     kind = "readable images" if readable else "image files"
     raise UserError(f"{len(few)} slide(s) have fewer than bags.min_cells={min_cells} {kind}: "
-                    + ", ".join(f"{s!r} ({n})" for s, n in few[:6]) + (f" and {len(few) - 6} more" if len(few) > 6 else ""))
+                    + ", ".join(f"{s!r} ({n})" for s, n in few[:6])
+                    + (f" and {len(few) - 6} more" if len(few) > 6 else ""))
 
 
 def drop_unreadable(root: str, images: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[dict[str, str]]]:

@@ -102,7 +102,8 @@ class CellImages:
         by_path = tfds_cells.index(tfds_cells.BUILDERS[name](data_dir=data_dir)).records_by_path()
         missing = [c["path"] for c in manifest["cells"] if c["path"] not in by_path]
         if missing:
-          raise UserError(f"{len(missing)} manifest cells are not in the TFDS dataset at {data_dir!r}, e.g. {missing[0]!r}")
+          raise UserError(f"{len(missing)} manifest cells are not in the TFDS dataset at {data_dir!r}, "
+                          f"e.g. {missing[0]!r}")
         rec = {c["id"]: by_path[c["path"]] for c in manifest["cells"]}
       self.records = np.full(n, -1, np.int64)
       for i, r in rec.items():

@@ -52,8 +52,10 @@ _CHUNK = 256  # files read and checked concurrently while generating
 
 _CITATION_MATEK = """\
 @article{matek2021highly,
-  title={Highly accurate differentiation of bone marrow cell morphologies using deep neural networks on a large image data set},
-  author={Matek, Christian and Krappe, Sebastian and M{\\"u}nzenmayer, Christian and Haferlach, Torsten and Marr, Carsten},
+  title={Highly accurate differentiation of bone marrow cell morphologies using deep neural networks
+         on a large image data set},
+  author={Matek, Christian and Krappe, Sebastian and M{\\"u}nzenmayer, Christian and Haferlach, Torsten
+          and Marr, Carsten},
   journal={Blood},
   volume={138},
   number={20},

@@ -261,9 +261,10 @@ def _pretrain(cfg: Any, model: Any, method: Method, probe: _Probe, out_dir: str,
   monitor = _Monitor(cfg, writer=writer, data=data, contrastive=contrastive, chance=chance, probe=probe, mngr=mngr,
                      start=start, bad_streak=int(state.bad_streak), wall_before=wall_before, epoch_losses=epoch_losses)
   guard = preemption.Guard().install()  # SIGTERM / SIGINT: finish the step, save it, stop (exit 143 / 130)
+  schedule = Schedule(data.num_steps, data.steps_per_epoch, cfg.pretrain.checkpoint_every_steps)
   try:
     state = run_steps(
-        state, start=start, schedule=Schedule(data.num_steps, data.steps_per_epoch, cfg.pretrain.checkpoint_every_steps),
+        state, start=start, schedule=schedule,
         step_fn=_jit_step(cfg, model, tx, method, mesh, data.on_device),
         next_batch=lambda: parallel.global_batch(next(data_iter), mesh), on_metrics=monitor.on_metrics,
         on_epoch_end=monitor.on_epoch_end, checkpointer=_Checkpointer(mngr, data_iter, monitor.streak), guard=guard)
