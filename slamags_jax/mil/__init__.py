@@ -5,12 +5,13 @@ The aggregators (``mil.model``: ``abmil``, ``pamil``) are in ``slamags_jax.model
 step and forward), ``inference`` (scoring), ``train`` (the loop and model selection),
 ``io`` (embedded bags, checkpoints, prediction files), ``stage`` (the ``mil`` stage).
 
-Padding (the masking is in ``mil_models``: a bag alone and the same bag padded inside a
+Padding (the masking is in ``models.mil``: a bag alone and the same bag padded inside a
 batch give the same logits, attention and gradients). Bags of one size are padded to one
-bucketed length (next multiple of 32 of the largest bag), so every step and every evaluation
-batch has the same shape (one compilation each). Bags of varying size (slides: a hundred to 10,000+ cells) are padded per step and
-per evaluation batch to a power-of-two tier of 32 (``tier_length``) at most that length:
-a few compiled shapes, and small bags do not pay for the largest.
+bucketed length (next multiple of 32 of the largest bag), so every step and every
+evaluation batch has the same shape (one compilation each). Bags of varying size (slides:
+a hundred to 10,000+ cells) are padded per step and per evaluation batch to a power-of-two
+tier of 32 (``tier_length``) at most that length: a few compiled shapes, and small bags do
+not pay for the largest.
 
 Training: Adam (AdamW when ``mil.weight_decay`` > 0), ``mil.bags_per_step`` bags per
 step (1 = the reference; a short last step is padded with empty, zero-weight bags),
