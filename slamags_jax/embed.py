@@ -26,15 +26,13 @@ from typing import Iterator
 import jax
 import numpy as np
 from absl import logging
-from slamags_jax.runtime.progress import progress
 
 from slamags_jax import bags as bags_lib
 from slamags_jax import models
-from slamags_jax.runtime import checkpoints
-from slamags_jax.models.embedding import embed_array, make_embed_fn  # noqa: F401  (embed.make_embed_fn as before)
-from slamags_jax.runtime import fileio
 from slamags_jax.data import input_pipeline
-from slamags_jax.runtime import parallel
+from slamags_jax.models.embedding import embed_array, make_embed_fn  # noqa: F401  (embed.make_embed_fn as before)
+from slamags_jax.runtime import checkpoints, fileio, parallel
+from slamags_jax.runtime.progress import progress
 
 
 def load_encoder_variables(cfg, workdir: str) -> dict:

@@ -27,10 +27,10 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from slamags_jax.runtime import fileio
-from slamags_jax.runtime.errors import UserError
 # The simulation's functions stay importable from here (other modules and tests use them).
 from slamags_jax.bags.simulated import settings_from_config, simulate, split_class, witnesses_per_bag  # noqa: F401
+from slamags_jax.runtime import fileio
+from slamags_jax.runtime.errors import UserError
 
 FORMAT = "slamags-bags/1"
 MANIFEST = os.path.join("bags", "manifest.json")

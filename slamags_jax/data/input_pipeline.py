@@ -63,8 +63,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from slamags_jax.data import augment
 from slamags_jax import bags as bags_lib
+from slamags_jax.data import augment
 from slamags_jax.data import cells as data_lib
 from slamags_jax.runtime.errors import UserError
 

@@ -148,6 +148,7 @@ def encoder_from_torchvision(tensors: Mapping[str, np.ndarray], like: Mapping[st
 def save(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
   """Writes a safetensors file atomically (temporary file, then rename)."""
   from safetensors.numpy import save as st_save
+
   from slamags_jax.runtime import fileio
   meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
   # np.asarray(order="C"), not ascontiguousarray: that makes 0-d arrays (num_batches_tracked) 1-d.

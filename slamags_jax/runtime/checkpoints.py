@@ -84,6 +84,7 @@ def _short(e: BaseException, limit: int = 300) -> str:
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves the checkpoints of ``steps`` to ``damaged_checkpoints/`` beside the manager's folder."""
   from absl import logging
+
   from slamags_jax.runtime import parallel
   if not steps:
     return
@@ -141,6 +142,7 @@ def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: 
   ``*.orbax-checkpoint-tmp*`` folder as a step.
   """
   from absl import logging
+
   from slamags_jax.runtime.errors import UserError
   damaged: list[int] = []
   reasons: list[str] = []

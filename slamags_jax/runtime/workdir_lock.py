@@ -92,6 +92,7 @@ def hold(workdir: str):
   Raises ``UserError`` on every process when it is held by another run.
   """
   import jax
+
   from slamags_jax.runtime import parallel
   lock, error = None, None
   if parallel.is_writer():
