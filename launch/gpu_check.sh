@@ -20,8 +20,10 @@
 #           everything printed. A bench that fails or outlasts BENCH_TIMEOUT is named under
 #           "failed" and the script goes on (exit 1 at the end).
 # Budget:   bounded by construction, not by a GPU speed: the wheel install, one JAX start, and
-#           at most 5 benches of at most BENCH_TIMEOUT seconds each (4 x 90 s + the on-device
-#           input 60 s = 7 min). Nothing here has been timed on a GPU yet.
+#           at most 5 benches of at most BENCH_TIMEOUT seconds each (4 x 85 s + the on-device
+#           input 56 s = 6.6 min). Nothing here has been timed on a GPU yet. The input benches
+#           take INPUT_STEPS batches: at paper sizes the host pipeline measured 240-650 views/s
+#           on 2 cores (docs/performance.md), so 8 batches of 512 views per worker count fit.
 #
 # Environment (defaults):
 #   PYTHON=python3      interpreter that has (or gets) jax with its CUDA plugin
@@ -30,10 +32,11 @@
 #   SITE=/tmp/slamags-site   where those wheels go (put first on PYTHONPATH)
 #   SKIP_INSTALL=0      1: the interpreter has slamags_jax's dependencies already
 #   OUT=<repo>/workdirs/gpu_check   where the JSON and the log go
-#   STEPS=20  SIZE=224  IMAGE=250  BATCH=256  WIDTH=64  CELLS=1024  WORKERS=0,2,4,8
+#   STEPS=20  INPUT_STEPS=8  SIZE=224  IMAGE=250  BATCH=256  WIDTH=64  CELLS=1024  WORKERS=0,2,4,8
 #   COMMIT=             the commit of the tree, for the JSON (default: git's, else "unknown")
 #   ALLOW_CPU=0         1: run on whatever JAX sees (a smoke test of this script)
-#   BENCH_TIMEOUT=90    seconds each bench may run (the on-device input bench: 60)
+#   BENCH_TIMEOUT=85    seconds each bench may run (the on-device input bench: 2/3 of it)
+#   INPUT_STEPS=8       timed batches of the input benches
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +53,8 @@ WIDTH="${WIDTH:-64}"
 CELLS="${CELLS:-1024}"
 WORKERS="${WORKERS:-0,2,4,8}"
 ALLOW_CPU="${ALLOW_CPU:-0}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-85}"
+INPUT_STEPS="${INPUT_STEPS:-8}"
 HALF=$((BATCH / 2))
 
 mkdir -p "$OUT"
@@ -109,7 +113,7 @@ STEP=(-m slamags_jax.bench --mode step --pos "$HALF" --neg "$HALF" --size "$SIZE
 run step_float32 "$BENCH_TIMEOUT" "$PYTHON" "${STEP[@]}" --dtype float32
 run step_bfloat16 "$BENCH_TIMEOUT" "$PYTHON" "${STEP[@]}" --dtype bfloat16
 INPUT=(-m slamags_jax.bench --mode input --image-size "$IMAGE" --crop "$SIZE" --batch "$BATCH" --cells "$CELLS"
-       --steps "$STEPS")
+       --steps "$INPUT_STEPS")
 run input_host "$BENCH_TIMEOUT" "$PYTHON" "${INPUT[@]}" --workers "$WORKERS"
 run input_on_device "$((BENCH_TIMEOUT * 2 / 3))" "$PYTHON" "${INPUT[@]}" --workers 0 --on-device
 if [[ "$NDEV" -gt 1 ]]; then

@@ -56,7 +56,7 @@ echo "+ $GPU_COMMAND   (python3: $VENV/bin/python3, ALLOW_CPU=1, small sizes)"
 t0=$(date +%s)
 rc=0
 env PATH="$VENV/bin:$PATH" PYTHONPATH= OUT="$OUT" SITE="$TMP/site" ALLOW_CPU=1 \
-  SIZE=32 IMAGE=40 BATCH=8 WIDTH=8 STEPS=2 CELLS=32 WORKERS=0,2 \
+  SIZE=32 IMAGE=40 BATCH=8 WIDTH=8 STEPS=2 CELLS=32 WORKERS=0,2 INPUT_STEPS=2 \
   bash -c "$GPU_COMMAND" || rc=$?
 echo "dry run: exit $rc in $(($(date +%s) - t0)) s; $OUT/gpu_check.json"
 exit "$rc"
