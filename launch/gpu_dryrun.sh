@@ -17,6 +17,7 @@
 #   VENV=${TMPDIR:-/tmp}/slamags-gpu-standin   the stand-in (outside the repo)
 #   OUT=<repo>/workdirs/gpu_dryrun     where gpu_check.sh writes
 #   SKIP_STANDIN=0                     1: use VENV as it is
+#   BENCH_TIMEOUT=300                  per bench: a busy CPU compiles slower than the GPU budget's 85 s allows
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,7 @@ PYTHON="${PYTHON:-python3.12}"
 VENV="${VENV:-${TMPDIR:-/tmp}/slamags-gpu-standin}"
 OUT="${OUT:-$REPO/workdirs/gpu_dryrun}"
 SKIP_STANDIN="${SKIP_STANDIN:-0}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
 # The command of launch/README.md ("The GPU check"), run as it is there.
 GPU_COMMAND='WHEELS=.whl bash launch/gpu_check.sh'
 
@@ -55,7 +57,7 @@ done <"$OUT/standin.txt"
 echo "+ $GPU_COMMAND   (python3: $VENV/bin/python3, ALLOW_CPU=1, small sizes)"
 t0=$(date +%s)
 rc=0
-env PATH="$VENV/bin:$PATH" PYTHONPATH= OUT="$OUT" SITE="$TMP/site" ALLOW_CPU=1 \
+env PATH="$VENV/bin:$PATH" PYTHONPATH= OUT="$OUT" SITE="$TMP/site" ALLOW_CPU=1 BENCH_TIMEOUT="$BENCH_TIMEOUT" \
   SIZE=32 IMAGE=40 BATCH=8 WIDTH=8 STEPS=2 CELLS=32 WORKERS=0,2 INPUT_STEPS=2 \
   bash -c "$GPU_COMMAND" || rc=$?
 echo "dry run: exit $rc in $(($(date +%s) - t0)) s; $OUT/gpu_check.json"
