@@ -33,7 +33,7 @@ def test_guard_turns_the_signal_into_a_flag_and_restores_the_handlers(signum, co
 
 
 def test_a_signal_after_the_last_check_gets_its_default_action():
-  code = ("import os, signal, time; from slamags_jax import preemption\n"
+  code = ("import os, signal, time; from slamags_jax.runtime import preemption\n"
           "g = preemption.Guard().install()\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.1)\n"
           "print('still here', flush=True)\ng.restore()\nprint('not reached', flush=True)\n")
   r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

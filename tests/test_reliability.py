@@ -267,7 +267,8 @@ def nan_injected_cli() -> None:
     finally:
       loss_flag.pop()
 
-  pretrain.train_step = train_step_with_nans
+  # The stage calls the name it imported from pretrain.step: wrap it there (and on the package).
+  pretrain.train_step = pretrain.stage.train_step = train_step_with_nans
   losses.nt_xent = nt_xent_with_nans
   app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
 

@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _holder(workdir) -> subprocess.Popen:
   """A process that takes the lock, says so on stdout, and sleeps."""
-  code = ("import sys, time; from slamags_jax import workdir_lock; "
+  code = ("import sys, time; from slamags_jax.runtime import workdir_lock; "
           f"l = workdir_lock.acquire({str(workdir)!r}); print('locked', flush=True); time.sleep(120)")
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "locked"
