@@ -181,6 +181,7 @@ def test_unreadable_images_are_skipped_and_named_then_min_cells_counts_readable(
     bags_slides.build(_cfg(fx, bags__min_cells=7), "")
 
 
+@pytest.mark.e2e
 def test_cli_bad_slides_input_is_one_error_line_and_nothing_written(fx, tmp_path):
   _break(fx, "duplicate-id")
   work = tmp_path / "run"

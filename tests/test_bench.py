@@ -14,6 +14,7 @@ def _run(capsys, *args):
   return json.loads(lines[-1])
 
 
+@pytest.mark.e2e  # the bench CLI end to end (in process): compiles and times a whole training step
 def test_step_mode_prints_the_contract_keys_and_the_surgery_overhead(capsys):
   out = _run(capsys, "--pos", "2", "--neg", "2", "--size", "16", "--steps", "2", "--width", "4",
              "--conv-impl", "xla", "--surgery-overhead")
@@ -24,12 +25,14 @@ def test_step_mode_prints_the_contract_keys_and_the_surgery_overhead(capsys):
   assert out["images_per_second"] == pytest.approx(4 / (out["step_ms"] / 1e3), rel=1e-2)
 
 
+@pytest.mark.e2e  # the bench CLI end to end (in process): compiles and times a whole training step
 def test_step_mode_is_deterministic_for_a_seed(capsys):
   args = ("--pos", "2", "--neg", "2", "--size", "16", "--steps", "1", "--width", "4", "--conv-impl", "xla")
   a, b = _run(capsys, *args), _run(capsys, *args)
   assert a["loss"] == b["loss"] and a["param_l2"] == b["param_l2"]
 
 
+@pytest.mark.e2e  # the bench CLI end to end (in process): three whole modes
 def test_embed_mil_and_matmul_modes(capsys):
   emb = _run(capsys, "--mode", "embed", "--size", "16", "--batch", "8", "--steps", "1", "--width", "4",
              "--conv-impl", "xla")

@@ -117,6 +117,7 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: the following arguments are required: --out")
 
 
+@pytest.mark.e2e
 def test_cli_entry_point(tmp_path):
   run = str(tmp_path / "run")
   fake_run(run, with_mil=False)

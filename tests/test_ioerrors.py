@@ -75,6 +75,7 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(folder / "log.jsonl")
 
 
+@pytest.mark.e2e
 def test_disk_full_in_a_stage_is_one_error_line_and_the_rerun_continues(tmp_path):
   with _tmpfs(tmp_path / "disk", "40k") as disk:  # config.json fits, the manifest (~48 kB) does not
     workdir = disk / "work"

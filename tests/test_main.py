@@ -16,6 +16,8 @@ import pytest
 from slamags_jax.runtime import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.e2e  # every test runs the CLI in a subprocess
 DEMO = "--config=configs/demo.py"
 
 

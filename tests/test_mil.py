@@ -154,6 +154,7 @@ def write_embeddings(workdir: str, bags: list[dict], dim: int) -> None:
                     {"dim": dim, "embedding": "head", "bags": index})
 
 
+@pytest.mark.e2e
 def test_mil_stage_without_validation_bags(tmp_path):
   rng = np.random.default_rng(2)
   centres = rng.normal(size=(6, 8))

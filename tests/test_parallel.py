@@ -261,6 +261,7 @@ def results() -> dict:
 TIGHT = 1e-8
 
 
+@pytest.mark.e2e
 def test_pretraining_steps_on_4_devices_equal_1_device(results):
   r = results["pretrain"]["synced"]
   assert results["devices"] == DEVICES
@@ -270,6 +271,7 @@ def test_pretraining_steps_on_4_devices_equal_1_device(results):
   assert r["update_rel"] < TIGHT, r
 
 
+@pytest.mark.e2e
 def test_bn_per_device_equals_per_quarter_on_1_device_and_differs_from_synced(results):
   r = results["pretrain"]["unsynced"]
   assert r["loss_rel"] < TIGHT and r["param_rel"] < TIGHT and r["stats_rel"] < TIGHT, r
@@ -278,6 +280,7 @@ def test_bn_per_device_equals_per_quarter_on_1_device_and_differs_from_synced(re
   assert r["vs_synced_loss_rel"] > 1e-3 and r["vs_synced_stats_rel"] > 1e-3, r
 
 
+@pytest.mark.e2e
 def test_compiled_step_keeps_the_batch_sharded_and_reduces_globally(results):
   synced = results["pretrain"]["synced"]["hlo"]
   unsynced = results["pretrain"]["unsynced"]["hlo"]
@@ -288,12 +291,14 @@ def test_compiled_step_keeps_the_batch_sharded_and_reduces_globally(results):
   assert synced["all-reduce"] > 40 > unsynced["all-reduce"] >= 1, (synced, unsynced)
 
 
+@pytest.mark.e2e
 def test_embeddings_on_4_devices_equal_1_device(results):
   r = results["embed"]
   assert r["shape"] == [10, 16]
   assert r["rel"] < 1e-6, r  # eval mode: rows are independent (measured: identical)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["bags_per_step=4", "bags_per_step=6", "bags_per_step=1"])
 def test_mil_on_4_devices_equals_1_device(results, layout):
   r = results["mil"][layout]
@@ -308,6 +313,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_of_two_devices_agree_with_one_device(tmp_path):
   """Multi-host on one machine: 2 processes x 2 CPU devices, one program over the 4."""
   env = dict(os.environ)

@@ -27,6 +27,8 @@ import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.e2e  # every test uses the whole-pipeline runs (and CLIs in subprocesses)
+
 
 def _config(overrides):
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))

@@ -84,6 +84,7 @@ def _outputs(workdir) -> tuple[dict, list, dict]:
   return summary, lines, preds
 
 
+@pytest.mark.e2e
 def test_sigterm_in_mil_training_saves_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
   cfg = _mil_config()
   full = _mil_workdir(tmp_path / "full")

@@ -154,6 +154,7 @@ def demo_runs(tmp_path_factory):
           "after_term": after_term, "final_log": final_err, "intruder": intruder}
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_uninterrupted_parameters(demo_runs):
   full, killed, k = demo_runs["full"], demo_runs["killed"], demo_runs["after_kill"]
   # The kill left no completion marker and only complete checkpoints that orbax reports.
@@ -176,6 +177,7 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(demo_runs):
   assert os.path.isdir(killed / "pretrain" / "encoder")
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(demo_runs):
   """SIGTERM during training: the step is finished and saved, one log line, exit 143."""
   t = demo_runs["after_term"]
@@ -190,6 +192,7 @@ def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(demo_runs):
   # The final parameters equal the uninterrupted run's: test_killed_run_resumes_... checks them.
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_workdir_in_use_is_refused(demo_runs):
   rc, err, first_still_running = demo_runs["intruder"]
   assert first_still_running, "the first run ended before the second was refused: the test did not race"
@@ -198,6 +201,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(demo_runs):
   assert _error_lines(err)[0].startswith(f"error: workdir {demo_runs['killed']} is in use by pid ")
 
 
+@pytest.mark.e2e
 def test_collapse_monitor_is_logged_per_epoch_and_summarised(demo_runs):
   summary = _summary(demo_runs["full"])
   epochs = [r for r in fileio.read_jsonl(demo_runs["full"] / "pretrain" / "metrics.jsonl") if r["kind"] == "epoch"]
@@ -208,6 +212,7 @@ def test_collapse_monitor_is_logged_per_epoch_and_summarised(demo_runs):
   assert summary["final_effective_rank"] == epochs[-1]["effective_rank"]
 
 
+@pytest.mark.e2e
 def test_kill_after_the_final_checkpoint_and_during_the_encoder_save(demo_runs, tmp_path):
   """Killed after the last checkpoint, mid-way through the encoder, before summary.json."""
   work = tmp_path / "w"
@@ -292,6 +297,7 @@ def nan_runs(tmp_path_factory):
           "rc": rc, "err": err}
 
 
+@pytest.mark.e2e
 def test_consecutive_non_finite_steps_stop_the_run(nan_runs):
   r, after = nan_runs, nan_runs["after_stop"]
   assert r["stop_rc"] == 2, r["stop_err"][-3000:]
@@ -311,6 +317,7 @@ def test_consecutive_non_finite_steps_stop_the_run(nan_runs):
   assert not np.isfinite(skipped[0]["loss"])  # step 3: NaN loss; steps 7, 8: NaN gradients
 
 
+@pytest.mark.e2e
 def test_non_finite_steps_are_skipped_and_counted(nan_runs):
   r = nan_runs
   assert r["rc"] == 0, r["err"][-3000:]
@@ -437,6 +444,7 @@ with fileio.atomic_open(sys.argv[1], "wb") as f:
 """
 
 
+@pytest.mark.e2e
 def test_sigkill_in_the_middle_of_an_atomic_write(tmp_path):
   """A SIGKILL mid-write (no cleanup possible): the old file is intact, the rest a hidden temp."""
   work = tmp_path / "w"

@@ -103,6 +103,7 @@ def _png_ok(path: str) -> tuple[int, int]:
     return im.size
 
 
+@pytest.mark.e2e
 def test_mil_stage_outputs(workdir):
   out = os.path.join(workdir, "mil")
   for name in ("summary.json", "metrics.jsonl", "predictions.npz", "predictions.json", "checkpoints"):
@@ -121,6 +122,7 @@ def test_mil_stage_outputs(workdir):
   assert best is not None and last is not None
 
 
+@pytest.mark.e2e
 def test_report_outputs(workdir):
   cfg = _cfg()
   report.run(cfg, workdir)
@@ -169,6 +171,7 @@ def test_report_outputs(workdir):
   assert "collapsed" not in s and "Pretraining collapsed**" not in md
 
 
+@pytest.mark.e2e
 def test_report_says_when_pretraining_collapsed(workdir, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(workdir, wd)
@@ -184,6 +187,7 @@ def test_report_says_when_pretraining_collapsed(workdir, tmp_path):
   assert "**Pretraining collapsed** (NT-Xent 4.140" in md and "| pretraining collapsed | **yes**" in md
 
 
+@pytest.mark.e2e
 def test_report_random_method_without_curve_and_k_beyond_bag(workdir, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(workdir, wd)

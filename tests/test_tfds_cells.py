@@ -134,6 +134,7 @@ def test_matek_builder_on_the_tcia_layout(tmp_path):
   assert idx.paths_of("LYT") == ["LYT/0001-1000/LYT_00001.jpg"]
 
 
+@pytest.mark.e2e
 def test_cli(folder, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "slamags_jax.data.tfds_cells", f"--manual_dir={folder}", f"--data_dir={tmp_path}"],
