@@ -38,7 +38,7 @@ if [[ "$SKIP_STANDIN" != 1 ]]; then
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version'
   # What the GPU machine has of the project's needs (and pytest), at its versions.
-  "$VENV/bin/python" launch/gpu_reqs.py "$TMP" pytest pytest-xdist
+  "$VENV/bin/python" -m tools.gpu_reqs "$TMP" pytest pytest-xdist
   "$VENV/bin/python" -m pip install -q -r "$TMP/requirements.txt" -c "$TMP/constraints.txt"
   # Less what the wheels carry: the GPU machine does not have it.
   carried=$(for w in .whl/*.whl; do basename "$w" | cut -d- -f1; done)
@@ -48,7 +48,7 @@ fi
 mkdir -p "$OUT"
 "$VENV/bin/python" -m pip list --format=freeze >"$OUT/standin.txt"
 # Anything the stand-in holds that the GPU machine's list does not name would hide a gap.
-"$VENV/bin/python" launch/gpu_reqs.py "$TMP"
+"$VENV/bin/python" -m tools.gpu_reqs "$TMP"
 while IFS='=' read -r name _; do
   n=$(echo "$name" | tr 'A-Z_.' 'a-z--')
   grep -qx "$n" "$TMP/machine.txt" || [[ "$n" == pip ]] || echo "note: the stand-in has $name, not on the GPU machine's list"

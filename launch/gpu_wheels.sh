@@ -22,7 +22,7 @@
 #   PYTHON=python3.12           a Python 3.12 interpreter with pip (resolves environment markers)
 #   DEST=<repo>/.whl            output folder (git-ignored)
 # Reads launch/gpu_machine.txt (what the GPU machine has) and constraints.txt (the tested
-# versions, launch/freeze_constraints.sh) through launch/gpu_reqs.py.
+# versions, launch/freeze_constraints.sh) through tools/gpu_reqs.py.
 #   LIMIT_MIB=32                fail above this total (the working tree may carry 64 MiB)
 set -euo pipefail
 
@@ -37,7 +37,7 @@ trap 'rm -rf "$TMP"' EXIT
   || { echo "error: PYTHON=$PYTHON is not Python 3.12 (the GPU machine's)" >&2; exit 2; }
 
 # Requirements (pyproject's dependencies) and constraints for the resolution.
-"$PYTHON" "$REPO/launch/gpu_reqs.py" "$TMP"
+(cd "$REPO" && "$PYTHON" -m tools.gpu_reqs "$TMP")
 
 "$PYTHON" -m pip install -q --dry-run --ignore-installed --report "$TMP/report.json" \
   -r "$TMP/requirements.txt" -c "$TMP/constraints.txt"

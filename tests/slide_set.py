@@ -71,11 +71,12 @@ def make_slide_set(root: str, labels=("normal", "erb", "lym"), per_label: int = 
 
 def tiny_overrides(paths: dict[str, str], negative: str = "normal") -> list[str]:
   """``--config.*`` flags for a few-second run on the slide set (tiny model, crops, epochs)."""
-  return [f"--config.bags.source=slides", f"--config.data.root={paths['root']}",
+  return ["--config.bags.source=slides", f"--config.data.root={paths['root']}",
           f"--config.data.slides_csv={paths['csv']}", f"--config.data.negative_labels={negative}",
           f"--config.data.cell_labels_csv={paths['cell_labels']}",
           "--config.data.image_size=16", "--config.data.crop_size=16", "--config.model.width=4",
-          "--config.model.head_dim=16", "--config.model.conv_impl=xla", "--config.pretrain.batch_size=8", "--config.pretrain.epochs=1",
+          "--config.model.head_dim=16", "--config.model.conv_impl=xla", "--config.pretrain.batch_size=8",
+          "--config.pretrain.epochs=1",
           "--config.pretrain.probe_cells=0", "--config.embed.batch_size=32", "--config.mil.epochs=3",
           "--config.mil.hidden_dim=8", "--config.mil.attention_dim=4", "--config.report.gallery_max_cells=4",
           "--config.bags.folds=2", "--config.bags.val_fraction=0.34"]

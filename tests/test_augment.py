@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from slamags_jax.data import augment
 from slamags_jax import config as config_lib
+from slamags_jax.data import augment
 
 
 def _img(size=54, seed=0):
@@ -75,7 +75,8 @@ def test_flip_and_rotation_probabilities_and_semantics():
     seen.add(ks[0])
   assert seen == {1, 2, 3}
   # p = 0.8: roughly 80 % of the views are rotated.
-  rotated = sum(not np.array_equal(augment.strong_view(img, np.random.default_rng(s), 16, _aug(flip_p=0.0, jitter_p=0.0)), img)
+  no_flip_or_jitter = _aug(flip_p=0.0, jitter_p=0.0)
+  rotated = sum(not np.array_equal(augment.strong_view(img, np.random.default_rng(s), 16, no_flip_or_jitter), img)
                 for s in range(400))
   assert 290 < rotated < 350
 

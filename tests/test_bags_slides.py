@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from slamags_jax import bags
-from slamags_jax.bags import slides as bags_slides
 from slamags_jax import config as config_lib
+from slamags_jax.bags import slides as bags_slides
 from slamags_jax.runtime.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slide_set  # noqa: E402  pylint: disable=g-import-not-at-top
+import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -49,7 +49,8 @@ def test_docs_config_table_is_generated_from_the_schema():
     readme = f.read()
   begin, end = "<!-- BEGIN CONFIG TABLE -->\n", "<!-- END CONFIG TABLE -->"
   table = readme[readme.index(begin) + len(begin):readme.index(end)]
-  assert table == config.markdown_table(), "docs/configs.md config table is stale: regenerate it with python -m slamags_jax.config"
+  assert table == config.markdown_table(), \
+      "docs/configs.md config table is stale: regenerate it with python -m slamags_jax.config"
 
 
 def test_hash_neutral_keys_are_inactive_only_at_their_neutral_value():

@@ -3,12 +3,11 @@
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax.data import augment
 from slamags_jax import config as config_lib
+from slamags_jax.data import augment
 from slamags_jax.data import device_augment as da
 
 SIZE, CROP = 12, 8

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
-
-from slamags_jax import config as config_lib, export, mil
-from slamags_jax.runtime import checkpoints
-from slamags_jax.runtime import fileio
-from slamags_jax.interop import torchvision as torchvision_io
 from test_torchvision_io import encoder_of, random_variables
+
+from slamags_jax import config as config_lib
+from slamags_jax import export, mil
+from slamags_jax.interop import torchvision as torchvision_io
+from slamags_jax.runtime import checkpoints, fileio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +28,10 @@ def fake_run(workdir: str, *, method="slam_ags", steps=6, with_mil=True, width=8
   """A finished run's files as the stages write them (random weights; no training)."""
   v = random_variables(width=width, num_classes=num_classes)
   checkpoints.save_encoder(os.path.join(workdir, "pretrain", "encoder"), v)
-  fileio.write_json(os.path.join(workdir, "pretrain", "summary.json"), {"method": method, "steps": steps, "final_loss": 1.5})
-  cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in config_lib.flatten(config_lib.get_base_config()).items()}
+  fileio.write_json(os.path.join(workdir, "pretrain", "summary.json"),
+                    {"method": method, "steps": steps, "final_loss": 1.5})
+  flat = config_lib.flatten(config_lib.get_base_config())
+  cfg = {k: (list(x) if isinstance(x, tuple) else x) for k, x in flat.items()}
   cfg.update({"pretrain.method": method, "model.width": width, "model.head_dim": 16})
   fileio.write_json(os.path.join(workdir, "config.json"), cfg)
   fileio.write_json(os.path.join(workdir, "bags", "manifest.json"), {
@@ -41,8 +43,8 @@ def fake_run(workdir: str, *, method="slam_ags", steps=6, with_mil=True, width=8
     mil_cfg.unlock()
     mil_cfg.hidden_dim, mil_cfg.attention_dim, mil_cfg.n_prototypes = 8, 4, 2
     model = mil.make_model(mil_cfg)
-    shapes = jax.eval_shape(lambda k: model.init({"params": k}, jnp.zeros((1, 1, 16)), jnp.ones((1, 1), bool))["params"],
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda k: model.init({"params": k}, jnp.zeros((1, 1, 16)), jnp.ones((1, 1), bool))["params"], jax.random.key(0))
     params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.25, np.float32), shapes)
     fit = mil.FitResult(params=params, last_params=params, best_epoch=3, selection="val auc", history=[{"epoch": 3}],
                         length=4, train_s=1.0, train_bags=2)
@@ -122,7 +124,8 @@ def test_cli_entry_point(tmp_path):
   run = str(tmp_path / "run")
   fake_run(run, with_mil=False)
   out = tmp_path / "enc.safetensors"
-  r = subprocess.run([sys.executable, "-m", "slamags_jax.export", f"--workdir={run}", "--to=torchvision", f"--out={out}"],
-                     capture_output=True, text=True, cwd=ROOT, check=False)
+  r = subprocess.run(
+      [sys.executable, "-m", "slamags_jax.export", f"--workdir={run}", "--to=torchvision", f"--out={out}"],
+      capture_output=True, text=True, cwd=ROOT, check=False)
   assert r.returncode == 0, r.stderr
   assert out.exists() and (tmp_path / "model_card.json").exists() and f"encoder: {out}" in r.stdout

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 
+gpu_reqs = pytest.importorskip("tools.gpu_reqs", reason="needs tomllib (Python 3.11+, as on the GPU machine)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-pytest.importorskip("tomllib")  # Python 3.11+, as on the GPU machine
-import gpu_reqs  # pylint: disable=g-import-not-at-top
 
 
 def test_constraints_pin_the_gpu_machine_versions_and_nothing_else_it_has(tmp_path):

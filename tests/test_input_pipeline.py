@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slamags_jax.data import augment
 from slamags_jax import config as config_lib
+from slamags_jax.data import augment
 from slamags_jax.data import input_pipeline as ip
 from slamags_jax.runtime.errors import UserError
 

@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from slamags_jax import main
-from slamags_jax.runtime import fileio
-from slamags_jax.runtime import ioerrors
+from slamags_jax.runtime import fileio, ioerrors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +83,8 @@ def test_disk_full_in_a_stage_is_one_error_line_and_the_rerun_continues(tmp_path
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: No space left on device (ENOSPC, errno 28): {workdir}/bags/manifest.json"], r.stderr[-2000:]
+    want = f"error: No space left on device (ENOSPC, errno 28): {workdir}/bags/manifest.json"
+    assert errors == [want], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert sorted(os.listdir(workdir / "bags")) == []  # nothing half-written
     subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)  # space freed

@@ -15,7 +15,8 @@ def test_jsonl_lines_and_reset(tmp_path):
   w = MetricWriter(path)
   w.write({"kind": "step", "step": 1, "loss": 0.5})
   w.write({"kind": "epoch", "step": 2, "loss": None})
-  assert fileio.read_jsonl(path) == [{"kind": "step", "step": 1, "loss": 0.5}, {"kind": "epoch", "step": 2, "loss": None}]
+  assert fileio.read_jsonl(path) == [{"kind": "step", "step": 1, "loss": 0.5},
+                                     {"kind": "epoch", "step": 2, "loss": None}]
   w.reset()
   assert not os.path.exists(path)
   w.close()

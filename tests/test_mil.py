@@ -78,7 +78,8 @@ def test_padding_changes_nothing(model_name):
 
   @jax.jit
   def grads(b):
-    loss_fn = lambda p, x: mil.bag_loss(model, p, {**b, "x": x}, 0.5)[0]
+    def loss_fn(p, x):
+      return mil.bag_loss(model, p, {**b, "x": x}, 0.5)[0]
     return jax.grad(loss_fn, argnums=(0, 1))(params, b["x"])
 
   (gp_a, gx_a), (gp_b, gx_b) = grads(alone), grads(batch)

@@ -20,7 +20,8 @@ def test_parameter_count_matches_torchvision_without_fc(depth, expected):
   # Projection head 512 -> 512 -> 512 (ResNet18) with biases.
   head = variables["params"]
   feat = 512 if depth == 18 else 2048
-  assert models.param_count({k: v for k, v in head.items() if k.startswith("head")}) == feat * 512 + 512 + 512 * 512 + 512
+  head_params = {k: v for k, v in head.items() if k.startswith("head")}
+  assert models.param_count(head_params) == feat * 512 + 512 + 512 * 512 + 512
 
 
 def _torch_out(n, k, s, p):
@@ -47,7 +48,8 @@ def test_feature_map_sizes_follow_torch_padding(size):
 
 
 def test_init_follows_torchvision():
-  variables = jax.jit(lambda: models.SlamModel(width=64).init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=True))()
+  model = models.SlamModel(width=64)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=True))()
   params, stats = variables["params"], variables["batch_stats"]
   w = np.asarray(params["encoder"]["layer4_1"]["conv2"]["kernel"])  # 3x3x512x512, fan_out = 9 * 512
   assert abs(w.std() / np.sqrt(2.0 / (9 * 512)) - 1) < 0.02

@@ -76,7 +76,9 @@ def _pretrain_results(mesh1, mesh4) -> tuple[dict, dict]:
   """
   import jax
   import jax.numpy as jnp
-  from slamags_jax import config as config_lib, models, pretrain
+
+  from slamags_jax import config as config_lib
+  from slamags_jax import models, pretrain
   from slamags_jax.runtime import parallel
   cfg = config_lib.get_base_config()
   cfg.model.width, cfg.model.head_dim, cfg.model.conv_impl = 4, 16, "xla"
@@ -177,7 +179,9 @@ def _mil_results(mesh1, mesh4, layouts=((4, 0.0), (6, 0.2), (1, 0.0))) -> dict:
   4 bags: sharded 1 per device; 6 bags: padded to 8, sharded (with dropout); 1 bag: replicated.
   """
   import jax
-  from slamags_jax import config as config_lib, mil
+
+  from slamags_jax import config as config_lib
+  from slamags_jax import mil
   rng = np.random.default_rng(2)
   train, val, test = _mil_bags(rng, 14, "t", "train"), _mil_bags(rng, 4, "v", "val"), _mil_bags(rng, 6, "s", "test")
   out = {}
@@ -189,7 +193,8 @@ def _mil_results(mesh1, mesh4, layouts=((4, 0.0), (6, 0.2), (1, 0.0))) -> dict:
     for name, mesh in (("one", mesh1), ("four", mesh4)):
       fit = mil.train_mil(train, val, c, jax.random.PRNGKey(0), progress=False, mesh=mesh)
       pred = mil.predict(mil.make_model(c), fit.params, test, fit.length, mesh=mesh)
-      res[name] = {"params": _without_inert_bias(jax.device_get(fit.params)), "loss": [r["train_loss"] for r in fit.history],
+      res[name] = {"params": _without_inert_bias(jax.device_get(fit.params)),
+                   "loss": [r["train_loss"] for r in fit.history],
                    "val_loss": [r["val_loss"] for r in fit.history], "prob": pred["prob"],
                    "attention": np.concatenate(pred["attention"])}
     a, b = res["four"], res["one"]
@@ -211,8 +216,8 @@ def multiprocess_child(process_id: int, port: int) -> dict:
   os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(process_id))
   import jax
-  from slamags_jax.runtime import fileio
-  from slamags_jax.runtime import parallel
+
+  from slamags_jax.runtime import fileio, parallel
   parallel.initialize()
   assert jax.process_count() == 2 and jax.device_count() == DEVICES, (jax.process_count(), jax.device_count())
   mesh4, mesh1 = parallel.data_mesh(), parallel.data_mesh(jax.local_devices()[:1])
@@ -232,6 +237,7 @@ def multiprocess_child(process_id: int, port: int) -> dict:
 
 def child() -> dict:
   import jax
+
   from slamags_jax.runtime import parallel
   devices = jax.devices()
   assert len(devices) == DEVICES, f"expected {DEVICES} forced host devices, got {len(devices)}"
@@ -348,6 +354,7 @@ def test_mil_step_layout():
 
 def test_initialize_only_starts_the_runtime_for_multi_process_launches(monkeypatch):
   import jax
+
   from slamags_jax.runtime import parallel
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))

@@ -10,11 +10,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_mil import clustered_bags, write_embeddings
 
 from slamags_jax import config, mil
-from slamags_jax.runtime import checkpoints, fileio
-from slamags_jax.runtime import preemption
-from test_mil import clustered_bags, write_embeddings
+from slamags_jax.runtime import checkpoints, fileio, preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +77,8 @@ _TIMING = ("train_s", "wall_s", "train_wall_s", "train_bags_per_s", "infer_bags_
 def _outputs(workdir) -> tuple[dict, list, dict]:
   out = os.path.join(workdir, "mil")
   summary = {k: v for k, v in fileio.read_json(os.path.join(out, "summary.json")).items() if k not in _TIMING}
-  lines = [{k: v for k, v in r.items() if k not in _TIMING} for r in fileio.read_jsonl(os.path.join(out, "metrics.jsonl"))]
+  records = fileio.read_jsonl(os.path.join(out, "metrics.jsonl"))
+  lines = [{k: v for k, v in r.items() if k not in _TIMING} for r in records]
   with np.load(os.path.join(out, "predictions.npz")) as z:
     preds = {k: z[k] for k in z.files}
   return summary, lines, preds

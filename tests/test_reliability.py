@@ -249,6 +249,7 @@ def nan_injected_cli() -> None:
   """
   import jax.numpy as jnp
   from absl import app
+
   from slamags_jax import losses, main
   from slamags_jax.pretrain import stage as pretrain_stage
 
@@ -285,8 +286,9 @@ def nan_runs(tmp_path_factory):
   after_stop = {"steps": _steps(ckpts), "summary": (work / "pretrain" / "summary.json").exists(),
                 "encoder": (work / "pretrain" / "encoder").exists(),
                 "metrics": fileio.read_jsonl(work / "pretrain" / "metrics.jsonl")}
-  from slamags_jax.runtime import checkpoints
   import orbax.checkpoint as ocp
+
+  from slamags_jax.runtime import checkpoints
   mngr = checkpoints.manager(str(ckpts), keep=10)
   after_stop["latest"] = mngr.latest_step()
   after_stop["restored"] = mngr.restore(after_stop["latest"], args=ocp.args.Composite(
@@ -343,6 +345,7 @@ def test_data_iterator_position_is_checkpointed(tmp_path):
   """The grain state restores the position; a state that does not fit is reported, not raised."""
   import grain
   import jax.numpy as jnp
+
   from slamags_jax.runtime import checkpoints
   ds = grain.MapDataset.range(10)
   it = iter(ds.to_iter_dataset())

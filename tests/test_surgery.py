@@ -413,7 +413,8 @@ def test_chain_under_jit_matches_manual_sgd():
 
 
 def test_contract_no_argument_constructors():
-  from slamags_jax import losses, surgery as s  # noqa: F401  (the contract's import)
+  from slamags_jax import losses  # noqa: F401  (the contract's import)
+  from slamags_jax import surgery as s
   g = make_grads(2, "conflict", seed=8)
   stacked, params = to_tree(g), params_like()
   g64 = np.asarray(g, np.float32).astype(np.float64)

@@ -257,7 +257,8 @@ def test_aggregation_mean_std_n_and_selection():
   assert n == 1 and m == pytest.approx(0.3) and math.isnan(s)
   d = results_lib.paired_difference(kept, "bag_f1", "slam_ags", "random", "0.1")
   assert d[0] == pytest.approx(0.2) and d[2] == 1  # only seed 0 is shared
-  assert results_lib.fmt_ms(0.7, 0.2, 3, 3) == "0.700 ± 0.200" and results_lib.fmt_ms(0.3, math.nan, 1, 3) == "0.300 (1 seed)"
+  assert results_lib.fmt_ms(0.7, 0.2, 3, 3) == "0.700 ± 0.200"
+  assert results_lib.fmt_ms(0.3, math.nan, 1, 3) == "0.300 (1 seed)"
   missing = results_lib.missing_cells(kept, 3)
   assert "random @ 10 %: 1 seed" in missing and not any(m.startswith("slam_ags @ 10 %") for m in missing)
   assert len(missing) == len(sweep_lib.METHODS) * 5 - 1  # every (method, WR) cell but one
@@ -307,7 +308,8 @@ def test_tuning_table_compares_settings_pooled_over_methods(tmp_path, capsys):
   _write_csv(tmp_path / "runs.csv", rows)
   for h, epochs in (("aaaa", 2), ("bbbb", 4)):
     (tmp_path / "settings").mkdir(exist_ok=True)
-    (tmp_path / "settings" / f"{h}.json").write_text(json.dumps({"settings": {"pretrain.epochs": epochs, "model.width": 16}}))
+    settings = {"settings": {"pretrain.epochs": epochs, "model.width": 16}}
+    (tmp_path / "settings" / f"{h}.json").write_text(json.dumps(settings))
   assert results_lib.main(["--csv", str(tmp_path / "runs.csv"), "--tuning-table"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[2].startswith("| `aaaa` | pretrain.epochs=2 | 2 (slam_ags, simclr) | 50 / 50 | 0.600 ± 0.000")
@@ -404,7 +406,8 @@ def test_selection_runs_of_the_chosen_setting_are_taken_over_not_rerun(tmp_path,
   monkeypatch.setattr(sweep_lib, "run_command", runner)
   monkeypatch.setattr(sweep_lib, "git_state", lambda path: ("c0ffee", []))
   monkeypatch.setattr(sweep_lib, "machine_description", lambda python: "test machine")
-  args = ["--methods", "slam_ags", "--witness-rates", "0.1", "--seeds", "0,1", "--selection", str(tmp_path / "sel.json"),
+  args = ["--methods", "slam_ags", "--witness-rates", "0.1", "--seeds", "0,1",
+          "--selection", str(tmp_path / "sel.json"),
           "--reuse-from", str(tmp_path / "selection.csv"), "--csv", str(tmp_path / "runs.csv"),
           "--workdir-root", str(tmp_path / "w")]
   assert sweep_lib.main(args) == 0

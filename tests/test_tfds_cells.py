@@ -142,6 +142,7 @@ def test_cli(folder, tmp_path):
   assert out.returncode == 0, out.stderr
   assert "cell_folder: 24 records, 3 classes, 1 unreadable files skipped" in out.stdout
   out = subprocess.run(
-      [sys.executable, "-m", "slamags_jax.data.tfds_cells", f"--manual_dir={tmp_path / 'nope'}", f"--data_dir={tmp_path / 'x'}"],
+      [sys.executable, "-m", "slamags_jax.data.tfds_cells", f"--manual_dir={tmp_path / 'nope'}",
+       f"--data_dir={tmp_path / 'x'}"],
       capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slamags_jax import config as config_lib, models, pretrain
+from slamags_jax import config as config_lib
+from slamags_jax import models, pretrain
 from slamags_jax.interop import torchvision as torchvision_io
 from slamags_jax.runtime.errors import UserError
 
@@ -86,7 +87,8 @@ def test_init_state_from_replaces_the_encoder_only(tmp_path):
   v = random_variables()
   path = str(tmp_path / "enc.safetensors")
   sd = torchvision_io.encoder_to_torchvision(encoder_of(v))
-  sd["fc.weight"], sd["fc.bias"] = np.ones((1000, 64), np.float32), np.ones((1000,), np.float32)  # ImageNet's fc: ignored
+  # ImageNet's fc: ignored
+  sd["fc.weight"], sd["fc.bias"] = np.ones((1000, 64), np.float32), np.ones((1000,), np.float32)
   torchvision_io.save(path, sd)
   fresh = random_variables(seed=1)
   state = pretrain.TrainState(step=0, params=fresh["params"], batch_stats=fresh["batch_stats"], opt_state=None,
@@ -106,7 +108,8 @@ def test_mismatches_are_errors_naming_the_key(tmp_path):
   with pytest.raises(UserError, match=r"no key 'layer2\.1\.bn1\.running_var'"):
     torchvision_io.encoder_from_torchvision(missing, like)
   wide = torchvision_io.encoder_to_torchvision(encoder_of(random_variables(width=16)))
-  with pytest.raises(UserError, match=r"key '(conv1\.weight|bn1\.\w+)' has shape \(16,( 3, 7, 7)?\), this model needs \(8,"):
+  wrong_width = r"key '(conv1\.weight|bn1\.\w+)' has shape \(16,( 3, 7, 7)?\), this model needs \(8,"
+  with pytest.raises(UserError, match=wrong_width):
     torchvision_io.encoder_from_torchvision(wide, like)
   deeper = torchvision_io.encoder_to_torchvision(encoder_of(random_variables(depth=34, width=8)))
   with pytest.raises(UserError, match=r"no place for, e\.g\. 'layer1\.2\.bn1\.bias'.*model\.depth"):

@@ -1,6 +1,6 @@
 """Requirements and constraints for the GPU machine's Python (launch/gpu_wheels.sh, gpu_dryrun.sh).
 
-  python launch/gpu_reqs.py OUTDIR [EXTRA_REQUIREMENT ...]
+  python -m tools.gpu_reqs OUTDIR [EXTRA_REQUIREMENT ...]
 
 Writes into OUTDIR:
 - requirements.txt: pyproject.toml's dependencies (and the extra requirements given);
