@@ -68,6 +68,7 @@ SPREAD_K = 10.0
 SPREAD_SEEDS = (1, 2, 3)
 FLOORS = {"loss": 1e-6, "param": 1e-7, "stat": 1e-7, "update": 1e-5}
 QUANTITIES = ("loss", "param", "stat", "update")
+STEPS_PER_EPOCH = 2  # the 3rd step is in epoch 2: the schedule's per-epoch change is compared too
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,11 +85,6 @@ def global_rel_err(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys) -> 
   diff = math.sqrt(sum(float(np.sum(np.square(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))) for k in keys))
   norm = math.sqrt(sum(float(np.sum(np.square(np.asarray(b[k], np.float64)))) for k in keys))
   return diff / norm if norm > 0 else diff
-
-
-def _worst(errs: dict[str, float]) -> tuple[str, float]:
-  key = max(errs, key=errs.get)
-  return key, errs[key]
 
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data", "pbc")
@@ -238,9 +234,6 @@ def _setup(method_name, *, pos, neg, size, width, depth, head_dim, lr, seed):
     net.load_exported(load_file(os.path.join(tmp, "out", "encoder.safetensors")),
                       load_file(os.path.join(tmp, "out", "encoder.head.safetensors")))
   return cfg, method, model, state, net, make_batch(pos, neg, size, seed + 1)
-
-
-STEPS_PER_EPOCH = 2  # the 3rd step is in epoch 2: the schedule's per-epoch change is compared too
 
 
 def _jax_trajectory(cfg, method, model, state0, batch, steps: int, float64: bool):
