@@ -1,39 +1,106 @@
-"""How far the authors' PyTorch step drifts from itself: the same step run twice, the second
-copy's starting weights perturbed by 1e-7 relative (float32 rounding size).
+"""How far the authors' PyTorch step drifts from itself: the same steps run again from
+starting weights perturbed by 1e-7 relative (float32 rounding size).
 
-  python launch/torch_self_spread.py slam_ags,simclr
+Importable: `check_against_torch.py` judges its float32 comparison against this spread,
+measured in the same run on the same machine from the same exported weights, batch and
+learning rates (`perturbed`, `trajectory`). Runnable on its own (torch's random init,
+the check's batch and sizes):
 
-Same batch, sizes and errors as check_against_torch.py (8 + 8 real cells, 64 px, width 8,
-lr 1e-3, 3 steps); the model is torch's own random init. What it shows: how much any
-float32-level difference (such as JAX vs PyTorch rounding) grows within 3 steps here.
+  python launch/torch_self_spread.py slam_ags,simclr [--lr 1e-4]
+
+What it shows: how much any float32-level difference (such as JAX vs PyTorch rounding)
+grows within a few steps of this problem, with PyTorch alone.
 """
-import os, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import numpy as np, torch, copy
-import torch_reference as T, check_against_torch as C
-from slamags_jax import config as config_lib, pretrain
-cfg = config_lib.get_base_config()
-mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-batch = C.make_batch(8, 8, 64, 1)
-sched = pretrain.lr_schedule(1e-3, 2, 0, 2)
-to = lambda a: T.to_input(a, mean, std)
-views = lambda a: (to(a[:, 0]), to(a[:, 1]))
-torch.manual_seed(0)
-for method in sys.argv[1].split(","):
-  base = T.SlamNet(18, 8, 32)
-  nets = [base, copy.deepcopy(base)]
-  with torch.no_grad():  # perturb the copy by ~1e-7 relative (float32 rounding size)
-    for q in nets[1].parameters():
-      q.mul_(1 + 1e-7 * torch.randn_like(q))
-  start = {k: v.clone() for k, v in base.state_dict().items()}
-  opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4) for n in nets]
-  for step in range(3):
-    losses = []
-    for n, o in zip(nets, opts):
-      for g in o.param_groups: g["lr"] = float(sched(step))
-      losses.append(T.authors_step(n, o, method, views(batch["pos"]), views(batch["neg"])))
-    sd = [{k: v.detach().numpy() for k, v in n.state_dict().items() if "num_batches" not in k} for n in nets]
-    pk = [k for k, _ in nets[0].named_parameters()]
-    sk = [k for k in sd[0] if "running" in k]
-    d = [{k: s[k] - start[k].numpy() for k in pk} for s in sd]
-    print(method, step + 1, "loss", {k: abs(losses[0][k] - losses[1][k]) for k in losses[0]},
-          "param %.2e stat %.2e update %.2e" % (C.global_rel_err(sd[1], sd[0], pk), C.global_rel_err(sd[1], sd[0], sk), C.global_rel_err(d[1], d[0], pk)))
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+REL = 1e-7  # float32 rounding is 6e-8 relative
+
+
+def perturbed(net: torch.nn.Module, seed: int, rel: float = REL) -> torch.nn.Module:
+  """A copy of `net` whose parameters are each multiplied by (1 + rel * N(0, 1)), elementwise.
+
+  The factor is applied in float64 and rounded once to the parameter's dtype (in float32,
+  1 + 1e-7 * N(0, 1) itself would round to 1 for most draws). BatchNorm statistics are
+  not perturbed.
+  """
+  out = copy.deepcopy(net)
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for q in out.parameters():
+      noise = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+      q.copy_((q.double() * (1.0 + rel * noise)).to(q.dtype))
+  return out
+
+
+def state(net: torch.nn.Module) -> dict[str, np.ndarray]:
+  """Parameters and BatchNorm statistics as numpy copies (no `num_batches_tracked`)."""
+  return {k: v.detach().numpy().copy() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def trajectory(net: torch.nn.Module, method: str, pos, neg, *, steps: int, lr_at: Callable[[int], float],
+               momentum: float, weight_decay: float, temperature: float) -> list[tuple[dict, dict]]:
+  """`steps` authors' steps of `net` (changed in place); per step (task losses, `state(net)`).
+
+  `pos` / `neg`: (view 1, view 2) float NCHW batches; `lr_at(step)`: the learning rate
+  of 0-based step `step`, set on the optimiser before it (the per-epoch schedule).
+  """
+  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  net.train()
+  opt = torch.optim.SGD(net.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
+  out = []
+  for step in range(steps):
+    for group in opt.param_groups:
+      group["lr"] = lr_at(step)
+    losses = torch_reference.authors_step(net, opt, method, pos, neg, temperature)
+    out.append((losses, state(net)))
+  return out
+
+
+def main(argv=None) -> int:
+  import check_against_torch as check  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from slamags_jax import pretrain  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("methods", help="comma list from slam_ags, weaksupcon, pcgrad, simclr")
+  p.add_argument("--lr", type=float, default=1e-4)
+  p.add_argument("--steps", type=int, default=3)
+  a = p.parse_args(argv)
+  cfg = config_lib.get_base_config()
+  mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+  batch = check.make_batch(8, 8, 64, 1)
+  sched = pretrain.lr_schedule(a.lr, 2, 0, 2)
+  views = lambda x: (torch_reference.to_input(x[:, 0], mean, std), torch_reference.to_input(x[:, 1], mean, std))
+  torch.manual_seed(0)
+  for method in a.methods.split(","):
+    base = torch_reference.SlamNet(18, 8, 32)
+    runs = []
+    for net in (base, perturbed(base, seed=1)):
+      start = state(net)
+      runs.append((start, trajectory(net, method, views(batch["pos"]), views(batch["neg"]), steps=a.steps,
+                                     lr_at=lambda s: float(sched(s)), momentum=cfg.pretrain.momentum,
+                                     weight_decay=cfg.pretrain.weight_decay, temperature=cfg.pretrain.temperature)))
+    (start_a, traj_a), (start_b, traj_b) = runs
+    for step, ((loss_a, sd_a), (loss_b, sd_b)) in enumerate(zip(traj_a, traj_b)):
+      e = check.step_errors(loss_b, sd_b, start_b, loss_a, sd_a, start_a)
+      print(f"{method} step {step + 1}: loss {e['loss']:.2e} param {e['param']:.2e} stat {e['stat']:.2e} "
+            f"update {e['update']:.2e}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.exit(main())

@@ -1,4 +1,5 @@
-"""Against PyTorch: one pretraining step equal to the authors' algorithm, exported weights equal in torchvision.
+"""Against PyTorch: three pretraining steps equal to the authors' algorithm (float64), float32 within PyTorch's own
+spread, exported weights equal in torchvision.
 
 Runs only where torch is importable (it is no dependency of slamags-jax; install a CPU
 build beside it, e.g. `pip install -e ".[torch-check]"`); skipped otherwise.
@@ -26,15 +27,37 @@ from test_export import fake_run  # noqa: E402
 
 
 @pytest.mark.parametrize("method", ["slam_ags", "weaksupcon", "simclr"])
-def test_three_steps_equal_the_authors_pytorch_step(method):
-  """Losses to 1e-5, parameters and BN running statistics to 1e-4 relative, over 3 steps (float32)."""
-  r = check.compare_method(method, steps=3, pos=8, neg=8, size=64, width=8, lr=1e-4, log=lambda *a: None)
-  summary = [{k: s[k] for k in ("step", "loss_err", "param_err", "stat_err", "delta_err", "delta_err_worst_tensor")}
-             for s in r["steps"]]
+def test_float64_three_steps_are_the_same_computation_as_the_authors_pytorch_step(method):
+  """The proof: float64 on both sides, losses to 1e-12, parameters and BN statistics to 1e-12, updates to 1e-9."""
+  r = check.compare_method(method, steps=3, float64=True, log=lambda *a: None)
+  summary = [{k: s[k] for k in ("step", "loss", "param", "stat", "update", "update_worst_tensor")} for s in r["steps"]]
   assert r["ok"], summary
   assert len(r["steps"]) == 3
   if method == "slam_ags":  # the surgery's projection itself was compared, not only a plain sum
     assert any(s["projected"] for s in r["steps"]), [s["cosine"] for s in r["steps"]]
+
+
+def test_float32_differs_from_pytorch_no_more_than_pytorch_from_itself():
+  """Information: simclr in float32 (the method the issue saw miss fixed tolerances on an Intel Xeon), each
+  step's error within SPREAD_K x PyTorch's own spread under 1e-7 weight perturbations, measured in this run."""
+  r = check.compare_method("simclr", steps=3, float64=False, log=lambda *a: None)
+  summary = [{"step": s["step"], "err": {q: s[q] for q in check.QUANTITIES}, "spread": s["spread"], "ratio": s["ratio"]}
+             for s in r["steps"]]
+  assert r["ok"], summary
+  assert all(s["spread"]["param"] > 0 for s in r["steps"]), summary  # the perturbed runs did move apart
+
+
+def test_float32_judgement_is_k_times_the_spread_with_a_floor():
+  """judge_float32: passes at K x spread, fails above it; a zero spread falls back to the floor."""
+  k, floors = check.SPREAD_K, check.FLOORS
+  spread = {q: 1e-5 for q in check.QUANTITIES}
+  assert check.judge_float32({q: k * 1e-5 for q in check.QUANTITIES}, spread)["ok"]
+  for q in check.QUANTITIES:
+    err = {p: 0.0 for p in check.QUANTITIES} | {q: 1.01 * k * 1e-5}
+    assert not check.judge_float32(err, spread)["ok"], q
+  zero = {q: 0.0 for q in check.QUANTITIES}
+  assert check.judge_float32(dict(floors), zero)["ok"]
+  assert not check.judge_float32({q: 1.01 * k * floors[q] for q in check.QUANTITIES}, zero)["ok"]
 
 
 def _cells(n: int, size: int) -> np.ndarray:
