@@ -8,7 +8,7 @@
 #      batch 256) with data.workers 0, 2, 4, 8, and the on-device augmentation path;
 #   3. with more than one GPU: the same step on 1 GPU and on all of them (first loss and
 #      parameter norm must agree to float32 rounding; see slamags_jax/bench.py);
-#   4. the PyTorch reference step (launch/bench_torch_reference.py) on the same GPU.
+#   4. the PyTorch reference step (tools/torch_parity/bench_reference.py) on the same GPU.
 # Launch:   WHEELS=.whl bash launch/gpu_check.sh        (on the GPU machine, from a checkout
 #                                                      with launch/gpu_wheels.sh's wheels;
 #                                                      launch/README.md has the exact command)
@@ -120,7 +120,7 @@ if [[ "$NDEV" -gt 1 ]]; then
   run step_one_device "$BENCH_TIMEOUT" env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${STEP[@]}" --dtype float32
 fi
 if "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>>"$LOG"; then
-  run torch_reference "$BENCH_TIMEOUT" "$PYTHON" launch/bench_torch_reference.py --pos "$HALF" --neg "$HALF" --size "$SIZE" \
+  run torch_reference "$BENCH_TIMEOUT" "$PYTHON" -m tools.torch_parity.bench_reference --pos "$HALF" --neg "$HALF" --size "$SIZE" \
     --width "$WIDTH" --steps "$STEPS" --device cuda
 else
   echo "  [torch_reference] skipped: no PyTorch with CUDA" | tee -a "$LOG"

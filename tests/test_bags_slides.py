@@ -9,14 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import slide_set  # tests/ is on sys.path (pytest's rootdir-relative import of test modules)
 
 from slamags_jax import bags
 from slamags_jax import config as config_lib
 from slamags_jax.bags import slides as bags_slides
 from slamags_jax.runtime.errors import UserError
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

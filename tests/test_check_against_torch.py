@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,12 +17,12 @@ torch = pytest.importorskip(
     "torch", reason="PyTorch is not installed: the equivalence check with the authors' PyTorch algorithm needs it "
     "(a CPU build beside slamags-jax; not a dependency)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import check_against_torch as check  # noqa: E402
-import torch_reference  # noqa: E402
+from test_export import fake_run  # noqa: E402  (after the skip: test_export needs no torch, but this file does)
 
-from test_export import fake_run  # noqa: E402
+from tools.torch_parity import check  # noqa: E402
+from tools.torch_parity import reference as torch_reference  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("method", ["slam_ags", "weaksupcon", "simclr"])
@@ -71,7 +70,9 @@ def test_export_loads_into_torchvision_with_the_same_embeddings(tmp_path):
   """Export -> torchvision resnet18 (strict=False: only fc missing) -> pooled features equal to Flax's, 16 cells."""
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  from slamags_jax import config as config_lib, export, models  # pylint: disable=g-import-not-at-top
+
+  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from slamags_jax import export, models
   run = str(tmp_path / "run")
   v = fake_run(run, width=64, with_mil=False)
   out = str(tmp_path / "enc.safetensors")
@@ -79,8 +80,8 @@ def test_export_loads_into_torchvision_with_the_same_embeddings(tmp_path):
   cells = _cells(16, 32)
   mean, std = config_lib.get_base_config().data.mean, config_lib.get_base_config().data.std
   model = models.SlamModel(depth=18, width=64, head_dim=16)
-  flax_pooled = np.asarray(jax.jit(lambda var, x: model.apply(var, models.normalize(x, mean, std), train=False)["pooled"])(
-      v, cells))
+  pooled = jax.jit(lambda var, x: model.apply(var, models.normalize(x, mean, std), train=False)["pooled"])
+  flax_pooled = np.asarray(pooled(v, cells))
 
   state = load_file(out)
   nets = {"torch_reference.ResNet": torch_reference.ResNet(18, 64)}

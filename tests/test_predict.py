@@ -17,13 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+import slide_set  # tests/ is on sys.path (pytest's rootdir-relative import of test modules)
 
 from slamags_jax import predict
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,8 +29,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
+
 
 def import_torchvision():
   """torchvision, or None when it is not installed.
