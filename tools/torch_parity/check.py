@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from tools import REPO
+
 # float64, the proof: "the same computation", with margin over the measured AMD EPYC
 # values (losses 4.7e-15, parameters 2.8e-17, BN statistics 7.3e-16, updates 1.3e-13).
 LOSS_TOL = 1e-12
@@ -88,7 +90,7 @@ def global_rel_err(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys) -> 
   return diff / norm if norm > 0 else diff
 
 
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data", "pbc")
+SAMPLE = os.path.join(REPO, "sample_data", "pbc")
 
 
 def make_batch(pos: int, neg: int, size: int, seed: int) -> dict[str, np.ndarray]:
