@@ -5,6 +5,15 @@ axis ``[T, ...]``) and returns one update pytree without that axis, so it goes f
 in an ``optax.chain``; later transforms (weight decay, SGD) see params and updates
 without the task axis. ``init(params)`` takes params without the task axis.
 
+The TorchJD 0.18 aggregators, same input and output, each with its paper and TorchJD
+counterpart in its docstring: ``upgrad``, ``dualproj``, ``mgda``, ``imtl_g``,
+``aligned_mtl``, ``con_fig``, ``krum``, ``constant_weights``, ``random_weights``
+(``weighted``: weights from the Gram matrix), ``cagrad``, ``fairgrad``, ``nash_mtl``
+(``solvers``), ``gradvac`` (``projection``), ``trimmed_mean``, ``graddrop``,
+``excess_mtl`` (``coordinate``: per coordinate). Their state is an ``AggregatorState``
+(key, diagnostics, the method's own memory); ``diagnostics`` finds it as it finds
+``SurgeryState``. Tested equal to TorchJD in tests/test_surgery_torchjd.py.
+
 Adaptive Gradient Surgery (the rule of docs/reference, "Pretraining"), over the whole
 pytree as one vector:
 
@@ -100,24 +109,45 @@ True
 
 
 from slamags_jax.surgery._core import (
-    SurgeryDiagnostics, SurgeryState, all_diagnostics, diagnostics, gram_matrix,
+    AggregatorState, SurgeryDiagnostics, SurgeryState, all_diagnostics, diagnostics, gram_matrix,
     weighted_task_sum)
+from slamags_jax.surgery.coordinate import excess_mtl, graddrop, trimmed_mean
 from slamags_jax.surgery.projection import (
-    adaptive_gradient_surgery, balance_task_norms, mean_tasks, pcgrad, projection_order,
+    adaptive_gradient_surgery, balance_task_norms, gradvac, mean_tasks, pcgrad, projection_order,
     projection_weights, sum_tasks)
+from slamags_jax.surgery.solvers import cagrad, fairgrad, nash_mtl
+from slamags_jax.surgery.weighted import (
+    aligned_mtl, con_fig, constant_weights, dualproj, imtl_g, krum, mgda, random_weights, upgrad)
 
 __all__ = [
+    "AggregatorState",
     "SurgeryDiagnostics",
     "SurgeryState",
     "adaptive_gradient_surgery",
+    "aligned_mtl",
     "all_diagnostics",
     "balance_task_norms",
+    "cagrad",
+    "con_fig",
+    "constant_weights",
     "diagnostics",
+    "dualproj",
+    "excess_mtl",
+    "fairgrad",
+    "graddrop",
+    "gradvac",
     "gram_matrix",
+    "imtl_g",
+    "krum",
     "mean_tasks",
+    "mgda",
+    "nash_mtl",
     "pcgrad",
     "projection_order",
     "projection_weights",
+    "random_weights",
     "sum_tasks",
+    "trimmed_mean",
+    "upgrad",
     "weighted_task_sum",
 ]

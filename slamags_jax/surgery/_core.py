@@ -15,7 +15,7 @@ class SurgeryDiagnostics(NamedTuple):
   about 1e-7 * sum_i ||g_i||^2 in the squared norm; AGS measures its norms directly.
   """
   cosine: jax.Array  # [T, T] cosine between task gradients; 0 where one is zero
-  projected: jax.Array  # bool []: some g'_i was projected (a conflict was found)
+  projected: jax.Array  # bool []: some g'_i was projected; other aggregators: some <g_i, g_j> < 0
   degenerate: jax.Array  # bool []: AGS fell back to the plain sum (module docs)
   norm_tasks: jax.Array  # [T] ||g_i||
   norm_sum: jax.Array  # [] ||sum_i g_i|| (Gram, except AGS)
@@ -27,6 +27,21 @@ class SurgeryState(NamedTuple):
   """State of every transform here: the order key and the last diagnostics."""
   key: jax.Array  # uint32 raw key data (checkpoint-friendly); wrap_key_data to use
   diagnostics: SurgeryDiagnostics
+
+
+class AggregatorState(NamedTuple):
+  """State of the aggregators with memory: key, diagnostics, and their own ``extra`` pytree.
+
+  A separate class (not a new field of ``SurgeryState``) so that checkpoints of the
+  existing transforms keep their tree structure.
+  """
+  key: jax.Array  # uint32 raw key data, as in SurgeryState
+  diagnostics: SurgeryDiagnostics
+  extra: Any  # moving averages, step counters, previous weights (per transform)
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, (SurgeryState, AggregatorState))
 
 
 def gram_matrix(stacked: Any) -> jax.Array:
@@ -70,8 +85,8 @@ def all_diagnostics(opt_state: Any) -> list[SurgeryDiagnostics]:
   More than one when the surgery runs per parameter group, e.g. AGS on the shared
   encoder and ``sum_tasks`` on task-specific heads inside ``optax.multi_transform``.
   """
-  found = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, SurgeryState))
-  return [item.diagnostics for item in found if isinstance(item, SurgeryState)]
+  found = jax.tree_util.tree_leaves(opt_state, is_leaf=_is_state)
+  return [item.diagnostics for item in found if _is_state(item)]
 
 
 def diagnostics(opt_state: Any) -> SurgeryDiagnostics:
@@ -80,10 +95,9 @@ def diagnostics(opt_state: Any) -> SurgeryDiagnostics:
   Works on a bare ``SurgeryState``, an ``optax.chain`` state (a tuple) and states
   nested in other wrappers; raises ValueError when there is none.
   """
-  found = jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, SurgeryState))
+  found = jax.tree_util.tree_leaves(opt_state, is_leaf=_is_state)
   for item in found:
-    if isinstance(item, SurgeryState):
+    if _is_state(item):
       return item.diagnostics
   raise ValueError("no SurgeryState in this optimizer state; is a surgery transform in the chain?")
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from slamags_jax.surgery._aggregator import aggregator, check_num_tasks, state_dtype
 from slamags_jax.surgery._core import (
     SurgeryDiagnostics, SurgeryState, _check_task_axis, _cosine, _empty_diagnostics, _quad,
     _wsum, gram_matrix, weighted_task_sum)
@@ -180,3 +181,65 @@ def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float
     return out, SurgeryState(key=key, diagnostics=diag)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- GradVac
+
+def gradvac_weights(gram: jax.Array, phi_hat: jax.Array, order: jax.Array, beta: float,
+                    eps: float) -> tuple[jax.Array, jax.Array]:
+  """GradVac in Gram space: ``(w, new_phi_hat)``, TorchJD's loop with every row i at once.
+
+  Row i of ``coeffs`` holds g'_i; against each j (in ``order[i]``), when the cosine
+  ``phi`` of ``<g'_i, g_j>`` is below the target ``phi_hat[i, j]``, adds
+  ``||g'_i|| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (||g_j|| sqrt(1 - phi_hat^2) + eps) g_j``;
+  then ``phi_hat[i, j] <- (1 - beta) phi_hat[i, j] + beta phi``.
+  """
+  num_tasks = gram.shape[0]
+  rows = jnp.arange(num_tasks)
+  coeffs = jnp.eye(num_tasks, dtype=gram.dtype)
+  dtype = phi_hat.dtype
+  for step in range(order.shape[1]):  # static, T - 1 steps
+    j = order[:, step]
+    cg = jnp.sum(coeffs[:, :, None] * gram[None], axis=1)  # row i: G c_i
+    dot = cg[rows, j]
+    norm_i = jnp.sqrt(jnp.maximum(jnp.sum(cg * coeffs, axis=1), 0.0))
+    norm_j = jnp.sqrt(jnp.maximum(gram[j, j], 0.0))
+    phi = dot / (norm_i * norm_j + eps)
+    hat = phi_hat[rows, j].astype(gram.dtype)
+    s_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
+    s_hat = jnp.sqrt(jnp.maximum(1.0 - hat * hat, 0.0))
+    add = norm_i * (hat * s_phi - phi * s_hat) / (norm_j * s_hat + eps)
+    coeffs = coeffs.at[rows, j].add(jnp.where(phi < hat, add, 0.0))
+    phi_hat = phi_hat.at[rows, j].set(((1.0 - beta) * hat + beta * phi).astype(dtype))
+  return jnp.sum(coeffs, axis=0), phi_hat
+
+
+def gradvac(num_tasks: int = 2, seed: int = 0, *, beta: float = 0.5,
+            eps: float = 1e-8) -> optax.GradientTransformation:
+  """GradVac: pulls each task gradient towards a moving-average target cosine with every other.
+
+  PCGrad's loop (per task i, the others in random order) with the fixed target 0
+  replaced by ``phi_hat[i, j]``, an exponential moving average (rate ``beta``) of the
+  observed cosines kept in the optax state; then the sum. Paper: Wang et al.,
+  "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
+  Multilingual Models" (ICLR 2021). TorchJD: ``GradVac(beta=0.5, eps=1e-8)``.
+
+  >>> import jax.numpy as jnp
+  >>> from slamags_jax import surgery
+  >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+  >>> tx = surgery.gradvac(num_tasks=2)
+  >>> out, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+  >>> [round(float(x), 3) for x in out["w"]]
+  [0.5, 1.5]
+  """
+  name = "gradvac"
+  check_num_tasks(num_tasks, name)
+  if not 0.0 <= beta <= 1.0 or eps < 0:
+    raise ValueError(f"{name}: needs 0 <= beta <= 1 and eps >= 0, got beta={beta}, eps={eps}")
+
+  def combine(updates, gram, phi_hat, key):
+    order = projection_order(key, num_tasks)
+    w, phi_hat = gradvac_weights(gram, phi_hat, order, beta, eps)
+    return None, w, phi_hat
+  return aggregator(name, num_tasks, combine, seed=seed, init_extra=lambda params: jnp.zeros(
+      (num_tasks, num_tasks), state_dtype(params)))
