@@ -137,3 +137,29 @@ def run(a) -> None:
         print(json.dumps(row))
         sys.stdout.flush()
       del tree, matrix, j
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """The JSON lines of ``run`` as a Markdown table: one row per transform, one column per (m, n)."""
+  configs = sorted({(r["tasks"], r["params"]) for r in rows})
+  names = list(dict.fromkeys(r["transform"] for r in rows))
+  by = {(r["transform"], r["tasks"], r["params"]): r for r in rows}
+  head = "| transform | " + " | ".join(f"m={m}, n={n:.0e}" for m, n in configs) + " |"
+  lines = [head, "|---|" + "---|" * len(configs)]
+  for name in names:
+    cells = []
+    for m, n in configs:
+      r = by.get((name, m, n))
+      if r is None:
+        cells.append("-")
+      elif r["torchjd_ms"] is None:
+        cells.append(f"{r['jax_ms']:.3g} / -")
+      else:
+        cells.append(f"{r['jax_ms']:.3g} / {r['torchjd_ms']:.3g} ({r['speedup']:.2g}x)")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m slamags_jax.benchmarks.aggregate results.jsonl
+  with open(sys.argv[1], encoding="utf-8") as f:
+    sys.stdout.write(markdown_table([json.loads(x) for x in f if x.startswith("{")]))
