@@ -62,17 +62,49 @@ def adaptive_gradient_surgery(
 def pcgrad(
     num_tasks: int = 2, seed: int = 0, *, eps: float = 1e-10
 ) -> optax.GradientTransformation:
-  """PCGrad: the AGS projection and sum, no rescale, no degenerate fallback."""
+  """PCGrad: the AGS projection and sum, no rescale, no degenerate fallback.
+
+  Each ``g_i`` is projected onto the normal plane of every ``g_j`` it conflicts with
+  (others in a random order per task, key in the state), then the projections are
+  summed. Paper: Yu et al., "Gradient Surgery for Multi-Task Learning" (NeurIPS 2020).
+  TorchJD: ``PCGrad()`` (no eps; here ``eps`` = 1e-10 in the denominators).
+
+  >>> import jax.numpy as jnp
+  >>> from slamags_jax import surgery
+  >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+  >>> tx = surgery.pcgrad(num_tasks=2)
+  >>> out, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+  >>> [round(float(x), 3) for x in out["w"]]
+  [0.5, 1.5]
+  """
   return _transform("pcgrad", num_tasks, seed, eps, 0.0)
 
 
 def sum_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
-  """Plain sum over the task axis (WeakSupCon; T = 1 for single-task methods)."""
+  """Plain sum over the task axis (WeakSupCon; T = 1 for single-task methods).
+
+  The sum of the losses' gradient. TorchJD: ``Sum()``.
+
+  >>> import jax.numpy as jnp
+  >>> from slamags_jax import surgery
+  >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+  >>> out, _ = surgery.sum_tasks(2).update(g, surgery.sum_tasks(2).init(None))
+  >>> [float(x) for x in out["w"]]
+  [0.0, 1.0]
+  """
   return _transform("sum", num_tasks, 0, 0.0, 0.0)
 
 
 def mean_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
-  """Plain mean over the task axis."""
+  """Plain mean over the task axis. TorchJD: ``Mean()``.
+
+  >>> import jax.numpy as jnp
+  >>> from slamags_jax import surgery
+  >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+  >>> out, _ = surgery.mean_tasks(2).update(g, surgery.mean_tasks(2).init(None))
+  >>> [float(x) for x in out["w"]]
+  [0.0, 0.5]
+  """
   return _transform("mean", num_tasks, 0, 0.0, 0.0)
 
 
