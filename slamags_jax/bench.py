@@ -8,6 +8,7 @@
   python -m slamags_jax.bench --mode input --workers 0,1,2 --steps 5
   python -m slamags_jax.bench --mode input --image-size 250 --crop 224 --batch 256 --cells 512 --workers 1,2,4
   python -m slamags_jax.bench --mode input --on-device --workers 0
+  python -m slamags_jax.bench --mode aggregate --tasks 2,4,8 --params 100000,1000000,10000000
 
 `--mode step` (default) builds the model and a synthetic batch of P positive and N
 negative patches (two views each, S px), compiles the full training step (all views,
@@ -54,6 +55,9 @@ views/s per busy core). With ``--on-device`` the host only decodes and resizes
 (``augment.on_device``) and the views are cut by the jitted ``device_augment`` on the
 default device, inside the timed loop; `device_views_per_second` is that augmentation
 alone on a batch already on the device.
+
+`--mode aggregate` times every ``slamags_jax.surgery`` aggregator against TorchJD's
+(``slamags_jax.benchmarks.aggregate``; one JSON line per transform, task and parameter count).
 """
 
 from __future__ import annotations
@@ -393,7 +397,7 @@ def bench_input(a) -> dict:
 @app.guarded
 def main(argv=None) -> None:
   p = app.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--mode", choices=("step", "embed", "mil", "matmul", "input"), default="step")
+  p.add_argument("--mode", choices=("step", "embed", "mil", "matmul", "input", "aggregate"), default="step")
   p.add_argument("--pos", type=int, default=32, help="positive patches per step")
   p.add_argument("--neg", type=int, default=32, help="negative patches per step")
   p.add_argument("--size", type=int, default=64, help="crop size in px")
@@ -421,7 +425,15 @@ def main(argv=None) -> None:
                  help="[input] host decodes only; views cut by the jitted device_augment (augment.on_device)")
   p.add_argument("--cache", choices=("none", "pipeline"), default="none",
                  help="[input] decode every access (none) or keep the pipeline's decoded-cell cache")
+  p.add_argument("--tasks", default="2,4,8", help="[aggregate] comma list of task counts")
+  p.add_argument("--params", default="100000,1000000,10000000",
+                 help="[aggregate] comma list of parameter counts")
+  p.add_argument("--transforms", default="", help="[aggregate] comma list of names (default: all)")
   a = p.parse_args(argv)
+  if a.mode == "aggregate":  # one JSON line per transform, printed as they finish
+    from slamags_jax.benchmarks import aggregate
+    aggregate.run(a)
+    return
   result = {"step": bench_step, "embed": bench_embed, "mil": bench_mil, "matmul": bench_matmul,
             "input": bench_input}[a.mode](a)
   print(json.dumps(result))

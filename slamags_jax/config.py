@@ -24,6 +24,7 @@ from slamags_jax.runtime.errors import UserError
 STAGES = pipeline.NAMES  # pipeline order
 METHODS = methods.NAMES  # slamags_jax.methods: the one method registry
 TWO_TASK_METHODS = methods.TWO_TASK
+AGGREGATORS = methods.AGGREGATORS  # pretrain.aggregator's values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,7 @@ FIELDS: Sequence[Field] = (
     Field("pretrain.similarity_temperature", -1.0, "Temperature of the similarity loss alone (its pull scales with 1 / temperature); -1 uses `pretrain.temperature`, as the authors.", lambda v: None if v == -1 else _range(0.0, lo_open=True)(v)),
     Field("pretrain.balance_task_norms", False, "Rescale each task gradient to the mean task-gradient norm before combining them (`surgery.balance_task_norms`); False as the authors.", None),
     Field("pretrain.surgery_scope", "all", "Parameters the gradient surgery sees: `all` (one vector over every parameter, as the authors) or `shared` (the encoder only; with `model.task_heads=per_task` each head takes its own task's gradient, LibMTL's convention).", _choice("all", "shared")),
+    Field("pretrain.aggregator", "method", "How a two-task method combines its task gradients: `method` (what the method says: AGS, PCGrad or the sum) or a `slamags_jax.surgery` transform at its defaults (README, Multitask gradient transforms).", _choice(*AGGREGATORS)),
     Field("pretrain.checkpoint_every_steps", 50, "Save a checkpoint every this many steps (the final step is always saved, and so is the step at which a SIGTERM or SIGINT stops the run).", _INT_POS),
     Field("pretrain.keep_checkpoints", 3, "How many recent checkpoints to keep.", _INT_POS),
     Field("pretrain.log_every_steps", 1, "Write a metrics line every this many steps.", _INT_POS),
@@ -306,6 +308,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.model.task_heads == "per_task" and cfg.pretrain.method not in TWO_TASK_METHODS:
     raise UserError(f"config key 'model.task_heads' is 'per_task', but method {cfg.pretrain.method!r} has one task "
                     f"(per-task heads need one of {', '.join(TWO_TASK_METHODS)})")
+  if cfg.pretrain.aggregator != "method" and cfg.pretrain.method not in TWO_TASK_METHODS:
+    raise UserError(f"config key 'pretrain.aggregator' is {cfg.pretrain.aggregator!r}, but method "
+                    f"{cfg.pretrain.method!r} has one task (an aggregator needs one of {', '.join(TWO_TASK_METHODS)})")
   if cfg.bags.n_train % 2 or cfg.bags.n_test % 2:
     raise UserError("config keys 'bags.n_train' and 'bags.n_test' must be even (half negative, half positive bags)")
 
@@ -321,7 +326,7 @@ SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_
 # Keys added after results were recorded, each with the value that reproduces those
 # results (the behaviour from before the key existed). At that value a key is left out of
 # settings hashes, so rows recorded before it existed stay valid.
-HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "tensorboard": False}
+HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "tensorboard": False, "pretrain.aggregator": "method"}
 
 
 def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

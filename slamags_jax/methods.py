@@ -36,3 +36,10 @@ METHODS = {
 }
 NAMES: tuple[str, ...] = tuple(METHODS)
 TWO_TASK: tuple[str, ...] = tuple(name for name, m in METHODS.items() if len(m.tasks) == 2)
+
+# pretrain.aggregator: "method" (the method's own `combine`) or a slamags_jax.surgery transform
+# for the two task gradients, at its defaults (cagrad c=0.5, fairgrad alpha=1);
+# pretrain.methods.AGGREGATORS builds each (a test checks the two agree).
+AGGREGATORS: tuple[str, ...] = (
+    "method", "ags", "pcgrad", "sum", "mean", "upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl",
+    "con_fig", "nash_mtl", "gradvac", "graddrop", "fairgrad", "excess_mtl", "random_weights")

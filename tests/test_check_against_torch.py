@@ -60,7 +60,7 @@ def test_float32_judgement_is_k_times_the_spread_with_a_floor():
 
 
 def _cells(n: int, size: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   paths = sorted(glob.glob(os.path.join(ROOT, "sample_data", "pbc", "*", "*.jpg")))[::7][:n]
   assert len(paths) == n
   return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
@@ -68,10 +68,10 @@ def _cells(n: int, size: int) -> np.ndarray:
 
 def test_export_loads_into_torchvision_with_the_same_embeddings(tmp_path):
   """Export -> torchvision resnet18 (strict=False: only fc missing) -> pooled features equal to Flax's, 16 cells."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  import jax
+  from safetensors.torch import load_file
 
-  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from slamags_jax import config as config_lib
   from slamags_jax import export, models
   run = str(tmp_path / "run")
   v = fake_run(run, width=64, with_mil=False)

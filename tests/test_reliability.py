@@ -271,7 +271,7 @@ def nan_injected_cli() -> None:
 
   pretrain_stage.train_step = train_step_with_nans  # the name the stage's loop calls
   losses.nt_xent = nt_xent_with_nans
-  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  app.run(main.main, flags_parser=main._parse_flags)
 
 
 _NAN_PREFIX = ["-c", f"import sys; sys.path.insert(0, {TESTS!r}); import test_reliability as t; t.nan_injected_cli()"]

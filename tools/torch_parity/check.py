@@ -101,7 +101,7 @@ def make_batch(pos: int, neg: int, size: int, seed: int) -> dict[str, np.ndarray
   flipped. (With synthetic blobs at 32 px and 6 + 6 patches, the float32 runs of both
   sides and the float64 run drifted apart within 3 steps: that batch amplified rounding.)
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   rng = np.random.default_rng(seed)
   big = size + size // 8
 
@@ -123,9 +123,9 @@ def make_batch(pos: int, neg: int, size: int, seed: int) -> dict[str, np.ndarray
 
 def _authors_tx(cfg, method, steps_per_epoch: int):
   """`pretrain.make_optimizer` with the authors' surgery (no degenerate fallback: rtol=0)."""
-  import optax  # pylint: disable=g-import-not-at-top
+  import optax
 
-  from slamags_jax import pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax import pretrain, surgery
   p = cfg.pretrain
   if method.combine == "ags":
     combine = surgery.adaptive_gradient_surgery(num_tasks=len(method.tasks), seed=cfg.seed, rtol=0.0)
@@ -146,7 +146,7 @@ def _torch_keys(params, stats) -> dict[str, np.ndarray]:
   keep the arrays' dtype; the float32 cast of the result must equal `torchvision_io`'s
   output exactly, so the key mapping cannot drift from the export's.
   """
-  from slamags_jax.interop import torchvision as torchvision_io  # pylint: disable=g-import-not-at-top
+  from slamags_jax.interop import torchvision as torchvision_io
 
   enc_params, enc_stats = params["encoder"], stats["encoder"]
   out = {}
@@ -212,11 +212,11 @@ def judge_float32(err: dict, spread: dict, k: float = SPREAD_K, floors: dict | N
 
 def _setup(method_name, *, pos, neg, size, width, depth, head_dim, lr, seed):
   """Config, float32 JAX train state, the exported weights loaded into torch, the batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  import jax
+  from safetensors.torch import load_file
 
-  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from slamags_jax import export, models, pretrain  # pylint: disable=g-import-not-at-top
+  from slamags_jax import config as config_lib
+  from slamags_jax import export, models, pretrain
   from slamags_jax.runtime import checkpoints, fileio
   from tools.torch_parity import reference as torch_reference
 
@@ -244,12 +244,12 @@ def _setup(method_name, *, pos, neg, size, width, depth, head_dim, lr, seed):
 
 def _jax_trajectory(cfg, method, model, state0, batch, steps: int, float64: bool):
   """JAX steps from `state0` (float32 values; cast to float64 when `float64`): start, per step (losses, state, diag)."""
-  import functools  # pylint: disable=g-import-not-at-top
+  import functools
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from slamags_jax import pretrain, surgery  # pylint: disable=g-import-not-at-top
+  from slamags_jax import pretrain, surgery
 
   dtype = jnp.float64 if float64 else jnp.float32
   with jax.enable_x64(float64):
@@ -285,7 +285,7 @@ def compare_method(method_name: str, *, steps: int = 3, pos: int = 8, neg: int =
   perturbed by 1e-7 relative (one per seed in `spread_seeds`); each step's JAX-vs-torch
   error must be within SPREAD_K x (the largest perturbed-vs-torch error, or the floor).
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   from tools.torch_parity import reference as torch_reference
   from tools.torch_parity import self_spread as torch_self_spread
@@ -354,8 +354,8 @@ def main(argv=None) -> int:
   p.add_argument("--float64", dest="precision", action="store_const", const="float64",
                  help="same as --precision float64")
   a = p.parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax
+  import torch
 
   kw = {"steps": a.steps, "pos": a.pos, "neg": a.neg, "size": a.size, "width": a.width, "depth": a.depth,
         "head_dim": a.head_dim, "lr": a.lr, "seed": a.seed}

@@ -42,7 +42,7 @@ def import_torchvision():
   `torchvision.models.resnet18()` (what the load test needs) works; detection ops do not.
   """
   try:
-    import torchvision  # pylint: disable=g-import-not-at-top
+    import torchvision
     return torchvision
   except ImportError:
     return None
@@ -52,7 +52,7 @@ def import_torchvision():
   for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
     del sys.modules[name]
   sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-  import torchvision  # pylint: disable=g-import-not-at-top
+  import torchvision
   return torchvision
 
 

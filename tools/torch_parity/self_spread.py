@@ -67,8 +67,8 @@ def trajectory(net: torch.nn.Module, method: str, pos, neg, *, steps: int, lr_at
 
 
 def main(argv=None) -> int:
-  from slamags_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from slamags_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from slamags_jax import config as config_lib
+  from slamags_jax import pretrain
   from tools.torch_parity import check
   from tools.torch_parity import reference as torch_reference
 
