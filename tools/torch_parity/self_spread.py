@@ -69,7 +69,7 @@ def trajectory(net: torch.nn.Module, method: str, pos, neg, *, steps: int, lr_at
 def main(argv=None) -> int:
   from slamags_jax import config as config_lib
   from slamags_jax import pretrain
-  from tools.torch_parity import check
+  from tools.torch_parity import measure
   from tools.torch_parity import reference as torch_reference
 
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   cfg = config_lib.get_base_config()
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-  batch = check.make_batch(8, 8, 64, 1)
+  batch = measure.make_batch(8, 8, 64, 1)
   sched = pretrain.lr_schedule(a.lr, 2, 0, 2)
   def views(x):
     return (torch_reference.to_input(x[:, 0], mean, std), torch_reference.to_input(x[:, 1], mean, std))
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                                      weight_decay=cfg.pretrain.weight_decay, temperature=cfg.pretrain.temperature)))
     (start_a, traj_a), (start_b, traj_b) = runs
     for step, ((loss_a, sd_a), (loss_b, sd_b)) in enumerate(zip(traj_a, traj_b)):
-      e = check.step_errors(loss_b, sd_b, start_b, loss_a, sd_a, start_a)
+      e = measure.step_errors(loss_b, sd_b, start_b, loss_a, sd_a, start_a)
       print(f"{method} step {step + 1}: loss {e['loss']:.2e} param {e['param']:.2e} stat {e['stat']:.2e} "
             f"update {e['update']:.2e}")
   return 0
