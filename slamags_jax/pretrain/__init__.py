@@ -35,6 +35,7 @@ shuffled epochs (`input_pipeline`), not a window sliding by one image.
 """
 
 from slamags_jax.pretrain.methods import (  # noqa: F401
+    AGGREGATORS,
     METHODS,
     Method,
     combine_for_config,
