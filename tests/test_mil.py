@@ -117,13 +117,27 @@ def test_training_is_deterministic_for_a_key():
   rng = np.random.default_rng(1)
   centres = rng.normal(size=(6, 8))
   train = clustered_bags(rng, 6, dim=8, centres=centres)
-  cfg = _mil_cfg("abmil", epochs=2, bags_per_step=4, dropout=0.1)  # incl. a padded last step
+  cfg = _mil_cfg("abmil", epochs=2, bags_per_step=4, dropout=0.1, selection="last_epoch")  # incl. a padded last step
   a = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
   b = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
   assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
-  assert a.best_epoch == 2 and a.selection.startswith("last epoch")
+  assert a.best_epoch == 2 and a.selection.startswith("last epoch (mil.selection=last_epoch")
+
+
+def test_no_validation_bags_is_an_error_unless_last_epoch_is_asked_for():
+  rng = np.random.default_rng(4)
+  centres = rng.normal(size=(6, 8))
+  train = clustered_bags(rng, 6, dim=8, centres=centres)
+  val = clustered_bags(rng, 4, dim=8, centres=centres, prefix="v", split="val")
+  with pytest.raises(UserError, match="mil.selection=last_epoch"):
+    mil.train_mil(train, [], _mil_cfg("abmil", epochs=2), jax.random.PRNGKey(0), progress=False)
+  # Asked for: the last epoch, even with validation bags (which are still scored and logged).
+  fit = mil.train_mil(train, val, _mil_cfg("abmil", epochs=3, selection="last_epoch"), jax.random.PRNGKey(0),
+                      progress=False)
+  assert fit.best_epoch == 3 and "4 validation bags scored, not used" in fit.selection
+  assert all("val_auc" in r for r in fit.history)
 
 
 def test_selection_rule():
@@ -162,6 +176,9 @@ def test_mil_stage_without_validation_bags(tmp_path):
   write_embeddings(str(tmp_path), bags, 8)
   cfg = config.get_base_config()
   cfg.mil.epochs, cfg.mil.hidden_dim, cfg.mil.attention_dim, cfg.mil.bags_per_step = 3, 8, 4, 2
+  with pytest.raises(UserError, match="no validation bags"):  # never silently the last epoch
+    mil.run(cfg, str(tmp_path))
+  cfg.mil.selection = "last_epoch"
   mil.run(cfg, str(tmp_path))
   out = tmp_path / "mil"
   s = fileio.read_json(out / "summary.json")
@@ -211,7 +228,7 @@ def test_multiclass_fit_with_bags_of_very_different_sizes():
     if y:
       e[: max(2, n // 6)] = centres[4 + y] + 0.3 * rng.normal(size=(max(2, n // 6), 8))
     bags.append({"id": f"b{i}", "label": y, "embeddings": e.astype(np.float32)})
-  cfg = _mil_cfg("pamil", epochs=6, bags_per_step=1, lr=2e-2)
+  cfg = _mil_cfg("pamil", epochs=6, bags_per_step=1, lr=2e-2, selection="last_epoch")
   fit = mil.train_mil(bags[:18], [], cfg, jax.random.PRNGKey(0), progress=False, num_classes=3)
   model = mil.make_model(cfg, 3)
   pred = mil.predict(model, fit.params, bags)
