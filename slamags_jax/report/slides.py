@@ -33,8 +33,10 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from slamags_jax.runtime import fileio
 from slamags_jax import metrics
+from slamags_jax.report import html as report_html
+from slamags_jax.report import uncertainty
+from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 
 THUMB_PX = 72
@@ -230,11 +232,16 @@ def run(cfg: Any, workdir: str, manifest: dict[str, Any], out: str) -> None:
     if pre.get(key) is not None:
       summary[f"pretrain_{key}" if key in ("wall_s", "steps") else key] = pre[key]
 
+  summary.update(uncertainty.summary_fields(y, probs))  # the AUC's 95 % interval, Brier score, reliability
   n_rows = write_cells_csv(os.path.join(out, "cells.csv"), test, labels, with_truth=True)
   galleries = write_galleries(os.path.join(out, "gallery"), manifest["root"], test, labels,
                               int(cfg.report.gallery_max_cells))
   summary["cells_csv_rows"] = n_rows
   summary["galleries"] = galleries
+  summary["report_html"] = os.path.basename(report_html.write(  # the review page
+      os.path.join(out, "report.html"), manifest["root"], test, labels, summary=summary,
+      max_cells=int(cfg.report.gallery_max_cells),
+      title=f"Test slides: {cfg.pretrain.method}, {summary['split_from']}, seed {cfg.seed}"))
 
   md = [f"# SLAM-AGS slide report: `{cfg.pretrain.method}`, {summary['split_from']}, seed {cfg.seed}\n",
         f"Test slides of this split, classified into {num_classes} labels ({', '.join(labels)}; normal: "
@@ -248,6 +255,8 @@ def run(cfg: Any, workdir: str, manifest: dict[str, Any], out: str) -> None:
         md_table(["label", "test slides", "ROC-AUC (one vs rest)", "F1", "precision", "recall"],
                  [[labels[c], cm["per_class"][c]["n"], fmt(cm["per_class"][c]["auc"]), fmt(cm["per_class"][c]["f1"]),
                    fmt(cm["per_class"][c]["precision"]), fmt(cm["per_class"][c]["recall"])] for c in range(num_classes)]),
+        f"Patient-level ROC-AUC {uncertainty.interval_text(summary)}: {summary['bag_auc_ci_method']}. "
+        f"Brier score {fmt(summary['brier'])}. Review page: `report.html`.\n",
         "Confusion matrix (rows: true label, columns: called label):\n",
         md_table(["true \\ called"] + labels, [[labels[c]] + cm["confusion"][c] for c in range(num_classes)])]
   if ret is not None:
