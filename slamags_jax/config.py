@@ -178,6 +178,7 @@ FIELDS: Sequence[Field] = (
     Field("mil.cluster_weight", 0.005, "Weight of each of PAMIL's clustering losses.", _range(0.0)),
     Field("mil.standardize", True, "Standardise each embedding dimension with the training bags' mean and std before MIL (the same for every method).", None),
     Field("mil.selection", "val_auc", "MIL model selection: `val_auc` (the epoch with the highest validation ROC-AUC; without validation bags the run stops with an error) or `last_epoch` (the last epoch, validation or not: only when you ask for it).", _choice("val_auc", "last_epoch")),
+    Field("mil.temperature_scaling", False, "Fit a temperature T on the validation bags' logits (cross-entropy; `report/uncertainty.py`) after selection and report softmax(logits / T) as class probabilities, here and in `predict` (calls and attention unchanged). Needs validation bags.", None),
     Field("mil.dropout", 0.0, "Dropout on instance features during MIL training.", _range(0.0, 1.0, hi_open=True)),
     # -- report --
     Field("report.topk", 20, "K of the top-K cell retrieval metrics (20 on PBC-ERB, 400 on paper-scale bags).", _INT_POS),
@@ -286,7 +287,7 @@ SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_
 # Keys added after results were recorded, each with the value that reproduces those
 # results (the behaviour from before the key existed). At that value a key is left out of
 # settings hashes, so rows recorded before it existed stay valid.
-HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "mil.selection": "val_auc"}
+HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "mil.selection": "val_auc", "mil.temperature_scaling": False}
 
 
 def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -150,6 +150,7 @@ def _score(workdir: str, manifest: dict[str, Any], batch_size: int | None) -> tu
   """(scored slides sorted by id, labels, MIL meta, seconds): one run's encoder and MIL on every slide."""
   # The model stack only once the input is good.
   from slamags_jax import embed, mil, models  # pylint: disable=g-import-not-at-top
+  from slamags_jax.mil.inference import with_temperature
   from slamags_jax.runtime import parallel
   cfg = run_config(workdir)
   params, meta = mil.load_checkpoint(workdir, "best")
@@ -166,6 +167,8 @@ def _score(workdir: str, manifest: dict[str, Any], batch_size: int | None) -> tu
       raise UserError(f"the encoder gives {embs.shape[1]}-dim embeddings, the MIL checkpoint expects {meta['input_dim']}")
     x = mil.prepare_inputs([{"id": bag["id"], "embeddings": embs}], meta)
     p = mil.predict(model, params, x, forward=forward)
+    if meta.get("temperature"):  # mil.temperature_scaling: the run's calibrated probabilities
+      p = with_temperature(p, meta["temperature"])
     scored.append({"id": bag["id"], "label": None, "pred": int(p["pred"][0]), "probs": p["probs"][0],
                    "attention": p["attention"][0], "attention_branches": p["attention_branches"][0],
                    "paths": [manifest["cells"][c]["path"] for c in bag["cells"]]})

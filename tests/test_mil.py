@@ -200,6 +200,31 @@ def test_mil_stage_without_validation_bags(tmp_path):
   np.testing.assert_allclose(again["prob"], [p["prob"] for p in preds], rtol=1e-5, atol=1e-6)
 
 
+def test_mil_stage_temperature_scaling_is_fitted_on_validation_and_travels_with_the_checkpoint(tmp_path):
+  rng = np.random.default_rng(5)
+  centres = rng.normal(size=(6, 8))
+  bags = clustered_bags(rng, 8, dim=8, centres=centres) + \
+      clustered_bags(rng, 6, dim=8, centres=centres, prefix="v", split="val") + \
+      clustered_bags(rng, 4, dim=8, centres=centres, prefix="t", split="test")
+  write_embeddings(str(tmp_path), bags, 8)
+  cfg = config.get_base_config()
+  cfg.mil.epochs, cfg.mil.hidden_dim, cfg.mil.attention_dim, cfg.mil.bags_per_step = 4, 8, 4, 2
+  cfg.mil.temperature_scaling = True
+  mil.run(cfg, str(tmp_path))
+  s = fileio.read_json(tmp_path / "mil" / "summary.json")
+  t = s["temperature"]
+  assert t > 0
+  params, meta = mil.load_checkpoint(str(tmp_path), "best")
+  assert meta["temperature"] == pytest.approx(t)
+  preds = mil.load_predictions(str(tmp_path))
+  with np.load(tmp_path / "mil" / "predictions.npz") as z:
+    logits = z["logits"].astype(np.float64) / t  # the raw logits are kept
+  want = np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))
+  np.testing.assert_allclose(np.stack([p["probs"] for p in preds]), want, atol=1e-5)
+  raw = mil.predict(mil.make_model(cfg.mil), params, mil.prepare_inputs(bags, meta))
+  assert [p["pred"] for p in preds] == raw["pred"].tolist()  # calls unchanged
+
+
 def test_loader_rejects_bad_inputs(tmp_path):
   with pytest.raises(UserError, match="embed stage"):
     mil.load_embedded_bags(str(tmp_path))
