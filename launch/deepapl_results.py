@@ -165,7 +165,8 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   cols = ["setting", "aggregator", "folds", "slides", "pooled_auc", "ci_lo", "ci_hi", "balanced_accuracy", "accuracy",
           "brier", "ece", "pooled_auc_temp", "brier_temp", "ece_temp", "temperature_median", "fold_auc_mean",
-          "fold_auc_std",          "promyelocyte_ap", "promyelocyte_recall_at_k", "retrieval_slides", "pretrain_plus_mil_wall_s_per_fold"]
+          "fold_auc_std", "promyelocyte_ap", "promyelocyte_recall_at_k", "retrieval_slides",
+          "pretrain_plus_mil_wall_s_per_fold"]
   with open(os.path.join(args.out, "study.csv"), "w", newline="") as f:
     w = csv.writer(f, lineterminator="\n")
     w.writerow(cols)
