@@ -177,7 +177,7 @@ FIELDS: Sequence[Field] = (
     Field("mil.n_prototypes", 8, "Learned prototypes (PAMIL).", _INT_POS),
     Field("mil.cluster_weight", 0.005, "Weight of each of PAMIL's clustering losses.", _range(0.0)),
     Field("mil.standardize", True, "Standardise each embedding dimension with the training bags' mean and std before MIL (the same for every method).", None),
-    Field("mil.selection", "val_auc", "MIL model selection: `val_auc` (the epoch with the highest validation ROC-AUC; without validation bags the run stops with an error) or `last_epoch` (the last epoch, validation or not: only when you ask for it).", _choice("val_auc", "last_epoch")),
+    Field("mil.selection", "val_auc", "MIL model selection: `val_auc` (the epoch with the highest validation ROC-AUC, ties by the lower cross-entropy), `val_loss` (the lowest validation cross-entropy, ties by the higher AUC; without validation bags either stops the run with an error) or `last_epoch` (the last epoch, validation or not: only when you ask for it).", _choice("val_auc", "val_loss", "last_epoch")),
     Field("mil.temperature_scaling", False, "Fit a temperature T on the validation bags' logits (cross-entropy; `report/uncertainty.py`) after selection and report softmax(logits / T) as class probabilities, here and in `predict` (calls and attention unchanged). Needs validation bags.", None),
     Field("mil.dropout", 0.0, "Dropout on instance features during MIL training.", _range(0.0, 1.0, hi_open=True)),
     # -- report --

@@ -140,6 +140,19 @@ def test_no_validation_bags_is_an_error_unless_last_epoch_is_asked_for():
   assert all("val_auc" in r for r in fit.history)
 
 
+def test_val_loss_selection_picks_the_lowest_validation_cross_entropy():
+  rng = np.random.default_rng(6)
+  centres = rng.normal(size=(6, 8))
+  train = clustered_bags(rng, 6, dim=8, centres=centres)
+  val = clustered_bags(rng, 4, dim=8, centres=centres, prefix="v", split="val")
+  fit = mil.train_mil(train, val, _mil_cfg("abmil", epochs=4, selection="val_loss"), jax.random.PRNGKey(0),
+                      progress=False)
+  losses = [r["val_loss"] for r in fit.history]
+  assert fit.best_epoch == 1 + int(np.argmin(losses)) and fit.selection.startswith("lowest validation cross-entropy")
+  with pytest.raises(UserError, match="no validation bags"):
+    mil.train_mil(train, [], _mil_cfg("abmil", epochs=1, selection="val_loss"), jax.random.PRNGKey(0), progress=False)
+
+
 def test_selection_rule():
   key = mil.train._selection_key
   assert mil.train._better(key(0.9, 0.5), None)

@@ -365,11 +365,11 @@ def plan(cfg: Any) -> Plan:
 def check(cfg: Any) -> None:
   """What ``main`` refuses before any work (everything but decoding the images)."""
   p = plan(cfg)
-  if (not any(s.split == "val" for s in p.slides) and cfg.mil.selection == "val_auc"
+  if (not any(s.split == "val" for s in p.slides) and cfg.mil.selection != "last_epoch"
       and "mil" in config_lib.split_csv(cfg.stages)):
     raise UserError(f"no validation slides ({p.split_from}, bags.val_fraction={float(cfg.bags.val_fraction):g}) "
-                    "for MIL model selection (mil.selection=val_auc): raise bags.val_fraction, give a `val` split in "
-                    "data.slides_csv, or set --config.mil.selection=last_epoch to use the last epoch")
+                    f"for MIL model selection (mil.selection={cfg.mil.selection}): raise bags.val_fraction, give a "
+                    "`val` split in data.slides_csv, or set --config.mil.selection=last_epoch to use the last epoch")
 
 
 def settings_from_config(cfg: Any) -> dict[str, Any]:
