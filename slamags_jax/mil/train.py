@@ -219,7 +219,8 @@ def selection_mode(mil_cfg: Any, n_val: int) -> str:
 NO_VALIDATION_ERROR = (
     "no validation bags for MIL model selection (mil.selection=val_auc or val_loss): give validation bags "
     "(bags.val_fraction > 0; with bags.source=slides a `val` split in data.slides_csv, or train/test only and "
-    "bags.val_fraction > 0 carves them), or set --config.mil.selection=last_epoch to use the last epoch without selection")
+    "bags.val_fraction > 0 carves them), or set --config.mil.selection=last_epoch to use the last epoch "
+    "without selection")
 
 
 def _selection_text(n_val: int, best_epoch: int, last_epoch: bool = False, mode: str = "val_auc") -> str:
