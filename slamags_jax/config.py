@@ -167,7 +167,7 @@ FIELDS: Sequence[Field] = (
     # -- embedding --
     Field("embed.batch_size", 256, "Cells per batch when embedding.", _INT_POS),
     # -- MIL --
-    Field("mil.model", "pamil", "Aggregator: `pamil` (prototype gated attention, as the authors) or `abmil` (gated attention, Ilse et al. 2018).", _choice("pamil", "abmil")),
+    Field("mil.model", "pamil", "Aggregator: `pamil` (prototype gated attention, as the authors), `abmil` (gated attention, Ilse et al. 2018) or `mean` (plain mean pooling of a linear per-cell score: the baseline; its attention only ranks cells).", _choice("pamil", "abmil", "mean")),
     Field("mil.epochs", 100, "Training epochs over the training bags.", _INT_POS),
     Field("mil.lr", 1e-3, "Adam learning rate.", _range(0.0, lo_open=True)),
     Field("mil.weight_decay", 0.0, "Adam weight decay (decoupled, AdamW).", _range(0.0)),

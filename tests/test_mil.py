@@ -12,7 +12,7 @@ from slamags_jax import config, metrics, mil
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 
-MODELS = ("abmil", "pamil")
+MODELS = ("abmil", "pamil", "mean")
 
 
 def _mil_cfg(model: str, **overrides):
@@ -91,7 +91,19 @@ def test_padding_changes_nothing(model_name):
   assert np.all(np.asarray(gx_b)[0, n:] == 0.0) and np.all(np.asarray(gx_b)[2] == 0.0)
 
 
-@pytest.mark.parametrize("model_name", MODELS)
+def test_mean_pool_is_a_linear_classifier_of_the_mean_embedding():
+  model = mil.make_model(_mil_cfg("mean"))
+  params = mil.init_model(model, jax.random.PRNGKey(2), 6)
+  x = np.random.default_rng(3).normal(size=(1, 7, 6)).astype(np.float32)
+  out = model.apply({"params": params}, x, np.ones((1, 7), bool))
+  w, b = np.asarray(params["classifier"]["kernel"]), np.asarray(params["classifier"]["bias"])
+  np.testing.assert_allclose(out["logits"][0], x[0].mean(0) @ w + b, rtol=1e-5, atol=1e-6)
+  score = x[0] @ w  # per-cell evidence; the attention ranks cells by the abnormal class's share of it
+  rank = np.argsort(-(score[:, 1] - score.mean(1)))
+  np.testing.assert_array_equal(np.argsort(-np.asarray(out["attention"][0])), rank)
+
+
+@pytest.mark.parametrize("model_name", ("abmil", "pamil"))  # attention models (mean pooling cannot find 1/8 witnesses)
 def test_tiny_fit_separates_bags_and_ranks_witnesses_first(model_name):
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(6, 16))
