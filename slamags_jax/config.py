@@ -170,7 +170,7 @@ FIELDS: Sequence[Field] = (
     # -- embedding --
     Field("embed.batch_size", 256, "Cells per batch when embedding.", _INT_POS),
     # -- MIL --
-    Field("mil.model", "pamil", "Aggregator: `pamil` (prototype gated attention, as the authors) or `abmil` (gated attention, Ilse et al. 2018).", _choice("pamil", "abmil")),
+    Field("mil.model", "pamil", "Aggregator: `pamil` (prototype gated attention, as the authors), `abmil` (gated attention, Ilse et al. 2018) or `mean` (plain mean pooling of a linear per-cell score: the baseline; its attention only ranks cells).", _choice("pamil", "abmil", "mean")),
     Field("mil.epochs", 100, "Training epochs over the training bags.", _INT_POS),
     Field("mil.lr", 1e-3, "Adam learning rate.", _range(0.0, lo_open=True)),
     Field("mil.weight_decay", 0.0, "Adam weight decay (decoupled, AdamW).", _range(0.0)),
@@ -180,6 +180,8 @@ FIELDS: Sequence[Field] = (
     Field("mil.n_prototypes", 8, "Learned prototypes (PAMIL).", _INT_POS),
     Field("mil.cluster_weight", 0.005, "Weight of each of PAMIL's clustering losses.", _range(0.0)),
     Field("mil.standardize", True, "Standardise each embedding dimension with the training bags' mean and std before MIL (the same for every method).", None),
+    Field("mil.selection", "val_auc", "MIL model selection: `val_auc` (the epoch with the highest validation ROC-AUC, ties by the lower cross-entropy), `val_loss` (the lowest validation cross-entropy, ties by the higher AUC; without validation bags either stops the run with an error) or `last_epoch` (the last epoch, validation or not: only when you ask for it).", _choice("val_auc", "val_loss", "last_epoch")),
+    Field("mil.temperature_scaling", False, "Fit a temperature T on the validation bags' logits (cross-entropy; `report/uncertainty.py`) after selection and report softmax(logits / T) as class probabilities, here and in `predict` (calls and attention unchanged). Needs validation bags.", None),
     Field("mil.dropout", 0.0, "Dropout on instance features during MIL training.", _range(0.0, 1.0, hi_open=True)),
     # -- report --
     Field("report.topk", 20, "K of the top-K cell retrieval metrics (20 on PBC-ERB, 400 on paper-scale bags).", _INT_POS),
@@ -326,7 +328,8 @@ SIMULATED_KEYS = ("data.normal_classes", "data.abnormal_classes", "bags.witness_
 # Keys added after results were recorded, each with the value that reproduces those
 # results (the behaviour from before the key existed). At that value a key is left out of
 # settings hashes, so rows recorded before it existed stay valid.
-HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "tensorboard": False, "pretrain.aggregator": "method"}
+HASH_NEUTRAL_DEFAULTS = {"augment.on_device": False, "tensorboard": False, "pretrain.aggregator": "method",
+                         "mil.selection": "val_auc", "mil.temperature_scaling": False}
 
 
 def inactive_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:

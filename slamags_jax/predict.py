@@ -18,7 +18,12 @@ Writes under ``--out`` (each file atomically; ``report.md`` last):
   (``attention_<label>``; ABMIL has one branch: ``attention``), ``rank`` in the slide by
   the ranking attention (the abnormal class's for two labels, the called label's for more);
 - ``gallery/<slide_id>.png``: each slide's top-ranked cells;
+- ``report.html``: the review page (``report/html.py``), self-contained;
 - ``report.md``: the run, the counts per called label, the slide table, the galleries.
+
+``--workdir`` may be a cross-validation root (``launch/folds.py``'s ``fold<i>/``): the K
+fold models act as one, their class probabilities averaged (``slamags_jax/ensemble.py``;
+``predictions.csv`` then also holds each fold's probabilities and their spread).
 
 Bad input (a workdir without a trained MIL, no slide folders, a slide with fewer than
 ``--min_cells`` readable images) ends with one ``error:`` line and exit status 2 before
@@ -44,7 +49,8 @@ _FLAGS: dict[str, Any] = {}
 def _define_flags() -> None:
   """The CLI's flags, defined only when run as a program (``main`` defines ``--workdir`` too)."""
   _FLAGS.update(
-      workdir=flags.DEFINE_string("workdir", None, "A run's workdir with a trained MIL (the mil stage complete)."),
+      workdir=flags.DEFINE_string("workdir", None, "A run's workdir with a trained MIL (the mil stage complete), "
+                                   "or a cross-validation root (fold<i>/ sub-folders: the fold ensemble)."),
       slides=flags.DEFINE_string("slides", None, "Folder with one sub-folder of single-cell images per slide."),
       out=flags.DEFINE_string("out", None, "Folder for the predictions (created if missing)."),
       min_cells=flags.DEFINE_integer("min_cells", None,
@@ -108,10 +114,17 @@ def plan_slides(slides_root: str, min_cells: int, check_images: bool) -> tuple[d
 
 def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int | None = None,
                    batch_size: int | None = None, check_images: bool | None = None) -> dict[str, Any]:
-  """Checks everything, then embeds and scores every slide and writes ``out`` (see the module doc)."""
+  """Checks everything, then embeds and scores every slide and writes ``out`` (see the module doc).
+
+  ``workdir`` may be a cross-validation root (``fold<i>/`` sub-folders, as ``launch/folds.py``
+  writes): its fold models act as one, their class probabilities averaged (``ensemble``).
+  """
+  from slamags_jax import ensemble
   workdir, slides_root, out = (os.path.abspath(p) for p in (workdir, slides_root, out))
-  check_trained(workdir)
-  cfg = run_config(workdir)
+  folds = ensemble.fold_workdirs(workdir)
+  for w in folds or [workdir]:
+    check_trained(w)
+  cfg = run_config(folds[0] if folds else workdir)
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} exists and is not a folder")
   min_cells = int(cfg.bags.min_cells if min_cells is None else min_cells)
@@ -121,11 +134,28 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
     raise UserError(f"--batch_size must be >= 1, got {batch_size}")
   check = bool(cfg.data.check_images if check_images is None else check_images)
   manifest, skipped = plan_slides(slides_root, min_cells, check)
+  os.makedirs(out, exist_ok=True)
 
+  def write(scored: list[dict[str, Any]], labels: list[str], info: dict[str, Any]) -> None:
+    _write_outputs(out, workdir, slides_root, cfg, scored, labels, info, skipped)
+
+  if folds:
+    return ensemble.predict_cv_root(workdir, slides_root, out, lambda w: (*_score(w, manifest, batch_size), skipped),
+                                    write)
+  scored, labels, meta, wall = _score(workdir, manifest, batch_size)
+  write(scored, labels, {"metas": [meta], "wall_s": wall})
+  n_cells = sum(len(s["attention"]) for s in scored)
+  return {"slides": len(scored), "cells": n_cells, "wall_s": wall, "skipped": skipped}
+
+
+def _score(workdir: str, manifest: dict[str, Any], batch_size: int | None) -> tuple[list[dict[str, Any]], list[str],
+                                                                                    dict[str, Any], float]:
+  """(scored slides sorted by id, labels, MIL meta, seconds): one run's encoder and MIL on every slide."""
   # The model stack only once the input is good.
   from slamags_jax import embed, mil, models
-  from slamags_jax.report import cells_csv, gallery, tables
-  from slamags_jax.runtime import fileio, parallel
+  from slamags_jax.mil.inference import with_temperature
+  from slamags_jax.runtime import parallel
+  cfg = run_config(workdir)
   params, meta = mil.load_checkpoint(workdir, "best")
   labels = list(meta.get("labels") or ["normal", "abnormal"])
   model = mil.model_from_meta(meta)
@@ -133,7 +163,6 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   encoder = models.from_config(cfg)
   variables = embed.load_encoder_variables(cfg, workdir)
   mesh = parallel.data_mesh()
-  os.makedirs(out, exist_ok=True)
   t0 = time.perf_counter()
   scored = []
   for bag, embs in embed.stream_bags(manifest, cfg, encoder, variables, mesh, batch_size=batch_size):
@@ -142,26 +171,46 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
                       f"the MIL checkpoint expects {meta['input_dim']}")
     x = mil.prepare_inputs([{"id": bag["id"], "embeddings": embs}], meta)
     p = mil.predict(model, params, x, forward=forward)
+    if meta.get("temperature"):  # mil.temperature_scaling: the run's calibrated probabilities
+      p = with_temperature(p, meta["temperature"])
     scored.append({"id": bag["id"], "label": None, "pred": int(p["pred"][0]), "probs": p["probs"][0],
                    "attention": p["attention"][0], "attention_branches": p["attention_branches"][0],
                    "paths": [manifest["cells"][c]["path"] for c in bag["cells"]]})
   wall = time.perf_counter() - t0
   scored.sort(key=lambda s: s["id"])
-  n_cells = sum(len(s["attention"]) for s in scored)
+  return scored, labels, meta, wall
 
+
+def _write_outputs(out: str, workdir: str, slides_root: str, cfg: Any, scored: list[dict[str, Any]],
+                   labels: list[str], info: dict[str, Any], skipped: list[dict[str, str]]) -> None:
+  from slamags_jax.report import cells_csv, gallery, tables
+  from slamags_jax.report import html as report_html
+  from slamags_jax.runtime import fileio
+  meta, wall = info["metas"][0], info["wall_s"]
+  folds = info.get("folds") or []
+  n_cells = sum(len(s["attention"]) for s in scored)
   with fileio.atomic_open(os.path.join(out, "predictions.csv"), "w") as f:
     w = csv.writer(f, lineterminator="\n")
-    w.writerow(["slide_id", "cells"] + [f"p_{n}" for n in labels] + ["called"])
+    fold_cols = [f"{k}_p_{n}" for k in folds for n in labels] + [f"sd_p_{n}" for n in labels] if folds else []
+    w.writerow(["slide_id", "cells"] + [f"p_{n}" for n in labels] + ["called"] + fold_cols)
     for s in scored:
-      w.writerow([s["id"], len(s["attention"])] + [f"{float(v):.10g}" for v in s["probs"]] + [labels[s["pred"]]])
+      extra = ([f"{float(v):.10g}" for row in s["fold_probs"] for v in row] + [f"{float(v):.6g}" for v in s["sd"]]
+               if folds else [])
+      w.writerow([s["id"], len(s["attention"])] + [f"{float(v):.10g}" for v in s["probs"]] + [labels[s["pred"]]]
+                 + extra)
   cells_csv.write_slide_cells_csv(os.path.join(out, "cells.csv"), scored, labels, with_truth=False)
   galleries = gallery.write_galleries(os.path.join(out, "gallery"), slides_root, scored, labels,
                                             int(cfg.report.gallery_max_cells))
   called = {n: sum(labels[s["pred"]] == n for s in scored) for n in labels}
+  model_row = (["MIL", f"`{meta['model']}`, epoch {meta.get('epoch')} (the run's selected checkpoint)"] if not folds
+               else ["MIL", f"fold ensemble of {len(folds)} ({', '.join(folds)}): mean class probabilities"])
+  report_html.write(os.path.join(out, "report.html"), slides_root, scored, labels,
+                    max_cells=int(cfg.report.gallery_max_cells),
+                    title=f"Predictions: {len(scored)} slides" + (f", fold ensemble of {len(folds)}" if folds else ""),
+                    notes=[f"Trained run: {workdir}", f"Slides: {slides_root}"])
   md = ["# Predictions\n",
         tables.md_table(["setting", "value"], [
-            ["trained run", f"`{workdir}`"], ["slides", f"`{slides_root}`"],
-            ["MIL", f"`{meta['model']}`, epoch {meta.get('epoch')} (the run's selected checkpoint)"],
+            ["trained run", f"`{workdir}`"], ["slides", f"`{slides_root}`"], model_row,
             ["labels", ", ".join(labels)], ["slides / cells", f"{len(scored)} / {n_cells}"],
             ["unreadable images skipped", len(skipped)],
             ["embed + score time (s)", f"{wall:.1f} ({n_cells / max(wall, 1e-9):.0f} cells/s)"]]),
@@ -173,11 +222,11 @@ def predict_slides(workdir: str, slides_root: str, out: str, *, min_cells: int |
   if skipped:
     md.append("## Skipped (unreadable) images\n")
     md.append(tables.md_table(["path", "reason"], [[e["path"], e["reason"]] for e in skipped]))
-  md.append("\nPer-slide probabilities: `predictions.csv`; per-cell attention and ranks: `cells.csv`.\n")
+  md.append("\nPer-slide probabilities: `predictions.csv`; per-cell attention and ranks: `cells.csv`; review page: "
+            "`report.html`.\n")
   fileio.write_text(os.path.join(out, "report.md"), "\n".join(md))
   logging.info("predict: %d slides, %d cells in %.1f s (%.0f cells/s) -> %s", len(scored), n_cells, wall,
                n_cells / max(wall, 1e-9), out)
-  return {"slides": len(scored), "cells": n_cells, "wall_s": wall, "skipped": skipped}
 
 
 @app.guarded

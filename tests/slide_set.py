@@ -79,4 +79,7 @@ def tiny_overrides(paths: dict[str, str], negative: str = "normal") -> list[str]
           "--config.pretrain.epochs=1",
           "--config.pretrain.probe_cells=0", "--config.embed.batch_size=32", "--config.mil.epochs=3",
           "--config.mil.hidden_dim=8", "--config.mil.attention_dim=4", "--config.report.gallery_max_cells=4",
-          "--config.bags.folds=2", "--config.bags.val_fraction=0.34"]
+          "--config.bags.folds=2", "--config.bags.val_fraction=0.34",
+          # 12 slides: fold 1 has no validation carve that keeps every label in training, and
+          # MIL no longer falls back to its last epoch silently.
+          "--config.mil.selection=last_epoch"]

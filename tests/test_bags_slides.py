@@ -191,3 +191,43 @@ def test_cli_bad_slides_input_is_one_error_line_and_nothing_written(fx, tmp_path
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "duplicate slide ids" in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr and not work.exists()
+
+
+def test_csv_with_train_and_test_only_gets_validation_slides_carved_from_train(fx):
+  rows = _rows(fx["csv"])
+  splits = [("test" if i % 4 == 3 else "train") for i in range(12)]
+  _rewrite_csv(fx["csv"], [r + [sp] for r, sp in zip(rows, splits)], ("slide_id", "label", "patient_id", "split"))
+  m = bags_slides.build(_cfg(fx, bags__val_fraction=0.34), "")
+  got = [b["split"] for b in m["bags"]]
+  assert [g for g, sp in zip(got, splits) if sp == "test"] == ["test"] * 3  # test slides untouched
+  assert "val" in got and m["settings"]["split_from"].startswith("csv; validation carved")
+  by_patient = {}
+  for b in m["bags"]:
+    by_patient.setdefault(b["patient_id"], set()).add(b["split"])
+  assert all(len(s) == 1 for s in by_patient.values()), by_patient  # carved by patient
+  assert {b["label_name"] for b in m["bags"] if b["split"] == "train"} == {"normal", "erb", "lym"}
+  assert bags_slides.build(_cfg(fx, bags__val_fraction=0.34), "")["bags"] == m["bags"]  # deterministic
+  # A CSV that names validation slides keeps them; val_fraction=0 carves nothing.
+  m0 = bags_slides.build(_cfg(fx, bags__val_fraction=0.0), "")
+  assert [b["split"] for b in m0["bags"]] == splits and m0["settings"]["split_from"] == "csv"
+
+
+def test_carve_is_stratified_by_label():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  y = np.asarray([0] * 40 + [1] * 20)
+  groups = np.asarray([f"p{i}" for i in range(60)])
+  split = np.full(60, "train", dtype=object)
+  n = bags_slides.carve_validation(split, y, groups, np.arange(60), 0.2, 7)
+  assert n == 12 and sum(split[y == 0] == "val") == 8 and sum(split[y == 1] == "val") == 4
+
+
+def test_no_validation_slides_is_refused_before_any_work_unless_last_epoch(fx):
+  rows = _rows(fx["csv"])
+  _rewrite_csv(fx["csv"], [r + [("test" if i % 4 == 3 else "train")] for i, r in enumerate(rows)],
+               ("slide_id", "label", "patient_id", "split"))
+  with pytest.raises(UserError, match="no validation slides.*mil.selection=last_epoch"):
+    bags_slides.check(_cfg(fx, bags__val_fraction=0.0))
+  bags_slides.check(_cfg(fx, bags__val_fraction=0.0, mil__selection="last_epoch"))
+  cfg = _cfg(fx, bags__val_fraction=0.0)
+  cfg.stages = "bags,pretrain,embed"  # no MIL: nothing to select
+  bags_slides.check(cfg)

@@ -12,7 +12,7 @@ from slamags_jax import config, metrics, mil
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
 
-MODELS = ("abmil", "pamil")
+MODELS = ("abmil", "pamil", "mean")
 
 
 def _mil_cfg(model: str, **overrides):
@@ -92,7 +92,19 @@ def test_padding_changes_nothing(model_name):
   assert np.all(np.asarray(gx_b)[0, n:] == 0.0) and np.all(np.asarray(gx_b)[2] == 0.0)
 
 
-@pytest.mark.parametrize("model_name", MODELS)
+def test_mean_pool_is_a_linear_classifier_of_the_mean_embedding():
+  model = mil.make_model(_mil_cfg("mean"))
+  params = mil.init_model(model, jax.random.PRNGKey(2), 6)
+  x = np.random.default_rng(3).normal(size=(1, 7, 6)).astype(np.float32)
+  out = model.apply({"params": params}, x, np.ones((1, 7), bool))
+  w, b = np.asarray(params["classifier"]["kernel"]), np.asarray(params["classifier"]["bias"])
+  np.testing.assert_allclose(out["logits"][0], x[0].mean(0) @ w + b, rtol=1e-5, atol=1e-6)
+  score = x[0] @ w  # per-cell evidence; the attention ranks cells by the abnormal class's share of it
+  rank = np.argsort(-(score[:, 1] - score.mean(1)))
+  np.testing.assert_array_equal(np.argsort(-np.asarray(out["attention"][0])), rank)
+
+
+@pytest.mark.parametrize("model_name", ("abmil", "pamil"))  # attention models (mean pooling cannot find 1/8 witnesses)
 def test_tiny_fit_separates_bags_and_ranks_witnesses_first(model_name):
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(6, 16))
@@ -118,13 +130,40 @@ def test_training_is_deterministic_for_a_key():
   rng = np.random.default_rng(1)
   centres = rng.normal(size=(6, 8))
   train = clustered_bags(rng, 6, dim=8, centres=centres)
-  cfg = _mil_cfg("abmil", epochs=2, bags_per_step=4, dropout=0.1)  # incl. a padded last step
+  cfg = _mil_cfg("abmil", epochs=2, bags_per_step=4, dropout=0.1, selection="last_epoch")  # incl. a padded last step
   a = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
   b = mil.train_mil(train, [], cfg, jax.random.PRNGKey(3), progress=False)
   assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
-  assert a.best_epoch == 2 and a.selection.startswith("last epoch")
+  assert a.best_epoch == 2 and a.selection.startswith("last epoch (mil.selection=last_epoch")
+
+
+def test_no_validation_bags_is_an_error_unless_last_epoch_is_asked_for():
+  rng = np.random.default_rng(4)
+  centres = rng.normal(size=(6, 8))
+  train = clustered_bags(rng, 6, dim=8, centres=centres)
+  val = clustered_bags(rng, 4, dim=8, centres=centres, prefix="v", split="val")
+  with pytest.raises(UserError, match="mil.selection=last_epoch"):
+    mil.train_mil(train, [], _mil_cfg("abmil", epochs=2), jax.random.PRNGKey(0), progress=False)
+  # Asked for: the last epoch, even with validation bags (which are still scored and logged).
+  fit = mil.train_mil(train, val, _mil_cfg("abmil", epochs=3, selection="last_epoch"), jax.random.PRNGKey(0),
+                      progress=False)
+  assert fit.best_epoch == 3 and "4 validation bags scored, not used" in fit.selection
+  assert all("val_auc" in r for r in fit.history)
+
+
+def test_val_loss_selection_picks_the_lowest_validation_cross_entropy():
+  rng = np.random.default_rng(6)
+  centres = rng.normal(size=(6, 8))
+  train = clustered_bags(rng, 6, dim=8, centres=centres)
+  val = clustered_bags(rng, 4, dim=8, centres=centres, prefix="v", split="val")
+  fit = mil.train_mil(train, val, _mil_cfg("abmil", epochs=4, selection="val_loss"), jax.random.PRNGKey(0),
+                      progress=False)
+  losses = [r["val_loss"] for r in fit.history]
+  assert fit.best_epoch == 1 + int(np.argmin(losses)) and fit.selection.startswith("lowest validation cross-entropy")
+  with pytest.raises(UserError, match="no validation bags"):
+    mil.train_mil(train, [], _mil_cfg("abmil", epochs=1, selection="val_loss"), jax.random.PRNGKey(0), progress=False)
 
 
 def test_selection_rule():
@@ -164,6 +203,9 @@ def test_mil_stage_without_validation_bags(tmp_path):
   write_embeddings(str(tmp_path), bags, 8)
   cfg = config.get_base_config()
   cfg.mil.epochs, cfg.mil.hidden_dim, cfg.mil.attention_dim, cfg.mil.bags_per_step = 3, 8, 4, 2
+  with pytest.raises(UserError, match="no validation bags"):  # never silently the last epoch
+    mil.run(cfg, str(tmp_path))
+  cfg.mil.selection = "last_epoch"
   mil.run(cfg, str(tmp_path))
   out = tmp_path / "mil"
   s = fileio.read_json(out / "summary.json")
@@ -183,6 +225,31 @@ def test_mil_stage_without_validation_bags(tmp_path):
   assert len(meta["input_mean"]) == 8 and len(meta["input_std"]) == 8  # standardisation travels with it
   again = mil.predict(mil.make_model(cfg.mil), params, mil.prepare_inputs(bags, meta))
   np.testing.assert_allclose(again["prob"], [p["prob"] for p in preds], rtol=1e-5, atol=1e-6)
+
+
+def test_mil_stage_temperature_scaling_is_fitted_on_validation_and_travels_with_the_checkpoint(tmp_path):
+  rng = np.random.default_rng(5)
+  centres = rng.normal(size=(6, 8))
+  bags = clustered_bags(rng, 8, dim=8, centres=centres) + \
+      clustered_bags(rng, 6, dim=8, centres=centres, prefix="v", split="val") + \
+      clustered_bags(rng, 4, dim=8, centres=centres, prefix="t", split="test")
+  write_embeddings(str(tmp_path), bags, 8)
+  cfg = config.get_base_config()
+  cfg.mil.epochs, cfg.mil.hidden_dim, cfg.mil.attention_dim, cfg.mil.bags_per_step = 4, 8, 4, 2
+  cfg.mil.temperature_scaling = True
+  mil.run(cfg, str(tmp_path))
+  s = fileio.read_json(tmp_path / "mil" / "summary.json")
+  t = s["temperature"]
+  assert t > 0
+  params, meta = mil.load_checkpoint(str(tmp_path), "best")
+  assert meta["temperature"] == pytest.approx(t)
+  preds = mil.load_predictions(str(tmp_path))
+  with np.load(tmp_path / "mil" / "predictions.npz") as z:
+    logits = z["logits"].astype(np.float64) / t  # the raw logits are kept
+  want = np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))
+  np.testing.assert_allclose(np.stack([p["probs"] for p in preds]), want, atol=1e-5)
+  raw = mil.predict(mil.make_model(cfg.mil), params, mil.prepare_inputs(bags, meta))
+  assert [p["pred"] for p in preds] == raw["pred"].tolist()  # calls unchanged
 
 
 def test_loader_rejects_bad_inputs(tmp_path):
@@ -213,7 +280,7 @@ def test_multiclass_fit_with_bags_of_very_different_sizes():
     if y:
       e[: max(2, n // 6)] = centres[4 + y] + 0.3 * rng.normal(size=(max(2, n // 6), 8))
     bags.append({"id": f"b{i}", "label": y, "embeddings": e.astype(np.float32)})
-  cfg = _mil_cfg("pamil", epochs=6, bags_per_step=1, lr=2e-2)
+  cfg = _mil_cfg("pamil", epochs=6, bags_per_step=1, lr=2e-2, selection="last_epoch")
   fit = mil.train_mil(bags[:18], [], cfg, jax.random.PRNGKey(0), progress=False, num_classes=3)
   model = mil.make_model(cfg, 3)
   pred = mil.predict(model, fit.params, bags)

@@ -83,6 +83,11 @@ def test_slide_report_has_per_class_metrics_and_confusion(runs):
                           "attention_erb", "attention_lym", "rank"}
   assert len(s["galleries"]) == len(test) and all(
       os.path.exists(os.path.join(runs[0], "report", g)) for g in s["galleries"])
+  # The interval (3 labels: a stratified bootstrap of the macro AUC), calibration and the review page.
+  assert s["bag_auc_ci_method"].startswith("stratified bootstrap") and "brier" in s
+  assert s["bag_auc_ci95"] is None or s["bag_auc_ci95"][0] <= s["bag_auc"] <= s["bag_auc_ci95"][1]
+  page = open(os.path.join(runs[0], "report", s["report_html"]), encoding="utf-8").read()
+  assert page.count('class="card') == len(test) and "Confusion matrix" in page
   idx = fileio.read_json(os.path.join(runs[0], "embeddings", "index.json"))
   assert idx["labels"] == s["labels"] and [e["id"] for e in idx["bags"]] == [b["id"] for b in m["bags"]]
 
@@ -115,6 +120,25 @@ def test_predict_reproduces_the_runs_test_probabilities(runs, tmp_path):
     assert np.isclose(sum(float(c["attention_erb"]) for c in mine), 1.0, atol=1e-5)
     assert os.path.exists(out / "gallery" / f"{sid}.png")
   assert (out / "report.md").read_text().startswith("# Predictions")
+  assert (out / "report.html").read_text().count('class="card') == len(test_ids)
+
+
+def test_predict_on_a_cv_root_averages_the_fold_models(runs, tmp_path):
+  outs = {}
+  for name, work in (("fold0", runs[0]), ("fold1", runs[1]), ("root", runs["root"])):
+    outs[name] = tmp_path / name
+    res = predict.predict_slides(work, runs["fx"]["root"], str(outs[name]))
+  assert res["folds"] == 2
+  rows = {n: {r["slide_id"]: r for r in _csv(outs[n] / "predictions.csv")} for n in outs}
+  labels = ["normal", "erb", "lym"]
+  assert set(rows["root"]) == set(rows["fold0"]) and len(rows["root"]) == 12
+  for sid, r in rows["root"].items():
+    folds = [np.asarray([float(rows[f][sid][f"p_{n}"]) for n in labels]) for f in ("fold0", "fold1")]
+    got = np.asarray([float(r[f"p_{n}"]) for n in labels])
+    np.testing.assert_allclose(got, np.mean(folds, axis=0), atol=1e-6, rtol=0)
+    np.testing.assert_allclose([float(r[f"fold1_p_{n}"]) for n in labels], folds[1], atol=1e-6, rtol=0)
+    assert r["called"] == labels[int(np.argmax(got))]
+  assert "fold ensemble of 2" in (outs["root"] / "report.md").read_text()
 
 
 def _cli(*args):
@@ -170,6 +194,12 @@ def test_fold_runner_skips_done_folds_and_writes_mean_and_std(runs, tmp_path):
   md = (root / "folds.md").read_text()
   mean, std = np.mean(accs), np.std(accs)
   assert f"{mean:.3f} ± {std:.3f}" in md.splitlines()[-1] and "auc_erb" in md
+  # The pooled out-of-fold numbers: every slide once, with the interval.
+  oof = _csv(root / "oof.csv")
+  assert sorted(r["slide_id"] for r in oof) == [f"s{i:02d}" for i in range(12)]
+  pool = fileio.read_json(root / "oof.json")
+  assert pool["n_slides"] == 12 and "Pooled out-of-fold" in md and "95 % CI" in md
+  assert pool["bag_auc_ci95"] is None or pool["bag_auc_ci95"][0] <= pool["bag_auc"] <= pool["bag_auc_ci95"][1]
   # A fold whose run refuses its input stops the runner with that error (exit 2).
   proc = subprocess.run([sys.executable, "-m", "tools.folds", "--config=configs/demo.py",
                          f"--workdir={tmp_path / 'cv2'}", *runs["overrides"], "--config.data.negative_labels=healthy"],

@@ -11,7 +11,10 @@ appended to ``<workdir>/fold<i>/folds.log``. Resumable as the PBC-ERB sweep: a f
 completed stages and pretraining checkpoint (main's own resumption) when the same command
 is run again. Each fold pretrains on its own training slides only.
 
-When every fold is done it writes ``<workdir>/folds.csv`` (one row per fold: test
+When every fold is done it writes ``<workdir>/oof.csv`` (every slide's out-of-fold class
+probabilities), ``<workdir>/oof.json`` and, in ``folds.md``, the pooled out-of-fold
+patient ROC-AUC with its 95 % interval (DeLong), balanced accuracy and Brier score
+(``report/uncertainty.py``); and ``<workdir>/folds.csv`` (one row per fold: test
 slides, accuracy, macro F1, macro ROC-AUC, ``bag_f1``/``bag_auc`` as the report defines
 them, retrieval AP where cells are annotated, per-label AUC) and ``<workdir>/folds.md``
 (the same table plus mean +- std over the folds, population std). Bad input of a fold
@@ -103,6 +106,24 @@ def tables(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
   return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def pooled_oof(root: str, k: int) -> str:
+  """Writes ``<root>/oof.csv`` and ``<root>/oof.json`` (pooled out-of-fold numbers); returns their Markdown."""
+  from slamags_jax.report import uncertainty
+  done = [(f, fileio.read_json(os.path.join(root, f"fold{f}", "report", "summary.json"))) for f in range(k)
+          if os.path.exists(os.path.join(root, f"fold{f}", "report", "summary.json"))]
+  pool = uncertainty.pooled_from_summaries(done)
+  if pool is None:
+    return ""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["slide_id", "fold", "label"] + [f"p_{n}" for n in pool["labels"]])
+  for r in pool["rows"]:
+    w.writerow([r["slide_id"], r["fold"], r["label"]] + [f"{float(p):.10g}" for p in r["probs"]])
+  fileio.write_text(os.path.join(root, "oof.csv"), buf.getvalue())
+  fileio.write_json(os.path.join(root, "oof.json"), {kk: v for kk, v in pool.items() if kk != "rows"})
+  return uncertainty.pooled_markdown(pool) + "\n"
+
+
 def run_folds(config_path: str, root: str, overrides: Sequence[str], python: str = sys.executable) -> int:
   """Runs the folds that are not done, then writes the tables; the exit status."""
   k = config_folds(config_path, overrides)
@@ -145,7 +166,8 @@ def run_folds(config_path: str, root: str, overrides: Sequence[str], python: str
   if rows:
     csv_text, md = tables(rows)
     fileio.write_text(os.path.join(root, "folds.csv"), csv_text)
-    fileio.write_text(os.path.join(root, "folds.md"), f"# {len(rows)} of {k} folds\n\n" + md)
+    pool = pooled_oof(root, k)  # every patient scored once: the pooled AUC with its 95 % interval
+    fileio.write_text(os.path.join(root, "folds.md"), f"# {len(rows)} of {k} folds\n\n" + pool + "## Per fold\n\n" + md)
     print(md, flush=True)
   if failed:
     print(f"{len(failed)} fold(s) failed: {', '.join(map(str, failed))}; run the same command again to retry",

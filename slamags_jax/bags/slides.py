@@ -8,7 +8,9 @@ columns are ignored. Labels are strings; the class indices are ``data.negative_l
 first (in the order given), then the other labels sorted.
 
 Splits: the CSV's ``split`` column when it has one (a patient in two splits is an
-error: it would leak). Otherwise ``bags.folds`` = K stratified folds at patient level
+error: it would leak); when it names no ``val`` slide, ``bags.val_fraction`` of the
+training patients (stratified by label, grouped by patient) become validation slides,
+and the log and the manifest's ``split_from`` say so. Otherwise ``bags.folds`` = K stratified folds at patient level
 (sklearn ``StratifiedGroupKFold``, shuffled with the data seed): fold ``bags.fold`` is
 the test split, and ``bags.val_fraction`` of the remaining patients (again stratified
 and grouped) are validation slides; the rest train. Pretraining reads only the training
@@ -46,6 +48,7 @@ from slamags_jax.runtime.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _FOLDS, _VAL = 21, 22  # first words of the keyed seeds (distinct streams of the data seed)
+_CSV = 1 << 20  # the validation carve of a CSV split (a fold index never reaches it)
 
 
 def _show(items: Sequence[Any], n: int = 6) -> str:
@@ -179,6 +182,39 @@ def _keyed_state(seed: int, stream: int, *more: int) -> int:
   return int(np.random.default_rng([seed, stream, *more]).integers(2**31 - 1))
 
 
+def carve_validation(split: np.ndarray, y: np.ndarray, groups: np.ndarray, rest: np.ndarray, val_fraction: float,
+                     random_state: int) -> int:
+  """Marks about ``val_fraction`` of the patients of ``rest`` (indices into ``split``) ``"val"``, in place.
+
+  Stratified by label and grouped by patient (sklearn ``StratifiedGroupKFold`` with
+  round(1 / val_fraction) splits; one of its held-out parts, the first that leaves every
+  label of ``rest`` in training). Returns the number of validation slides (0, with a
+  warning, when the patients are too few or no carve keeps every label in training).
+  """
+  from sklearn.model_selection import StratifiedGroupKFold  # pylint: disable=g-import-not-at-top
+  rest = np.asarray(rest, np.int64)
+  if val_fraction <= 0 or len(rest) == 0:
+    return 0
+  n_rest_groups = len(set(groups[rest].tolist()))
+  n_val = int(round(1.0 / val_fraction))
+  n_val = min(n_val, n_rest_groups, int(np.bincount(y[rest]).max()))
+  if n_val < 2:
+    logging.warning("bags: too few training patients (%d) for validation slides (bags.val_fraction=%g); MIL needs "
+                    "mil.selection=last_epoch", n_rest_groups, val_fraction)
+    return 0
+  with warnings.catch_warnings():  # "the least populated class has fewer members than n_splits"
+    warnings.simplefilter("ignore", UserWarning)
+    inner = StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=random_state)
+    # The first carve that leaves every training label in train (small sets can fail that).
+    need = set(y[rest].tolist())
+    for keep, val in inner.split(np.zeros(len(rest)), y[rest], groups[rest]):
+      if set(y[rest][keep].tolist()) == need:
+        split[rest[val]] = "val"
+        return int(len(val))
+  logging.warning("bags: no validation carve keeps every label in training; no validation slides")
+  return 0
+
+
 def fold_splits(labels: Sequence[int], patients: Sequence[str], folds: int, fold: int,
                 val_fraction: float, seed: int) -> list[str]:
   """Per slide: train / val / test of fold ``fold`` of ``folds`` (see the module docstring)."""
@@ -198,23 +234,19 @@ def fold_splits(labels: Sequence[int], patients: Sequence[str], folds: int, fold
     rest, test = list(outer.split(np.zeros(len(y)), y, groups))[fold]
     split = np.full(len(y), "train", dtype=object)
     split[test] = "test"
-    n_rest_groups = len(set(groups[rest]))
-    n_val = int(round(1.0 / val_fraction)) if val_fraction > 0 else 0
-    n_val = min(n_val, n_rest_groups, int(np.bincount(y[rest]).max()))
-    if n_val >= 2:
-      inner = StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=_keyed_state(seed, _VAL, fold))
-      # The first carve that leaves every training label in train (small sets can fail that).
-      need = set(y[rest].tolist())
-      for keep, val in inner.split(np.zeros(len(rest)), y[rest], groups[rest]):
-        if set(y[rest][keep].tolist()) == need:
-          split[rest[val]] = "val"
-          break
-      else:
-        logging.warning("bags: no validation carve keeps every label in training; no validation slides")
-    elif val_fraction > 0:
-      logging.warning("bags: too few training patients (%d) for validation slides; MIL uses its last epoch",
-                      n_rest_groups)
+  carve_validation(split, y, groups, rest, val_fraction, _keyed_state(seed, _VAL, fold))
   return [str(s) for s in split]
+
+
+def _carve_csv_validation(slides: list[Slide], index: dict[str, int], cfg: Any) -> tuple[list[Slide], int]:
+  """A CSV split with train/test only: ``bags.val_fraction`` of the training patients become ``val``."""
+  split = np.asarray([s.split for s in slides], dtype=object)
+  y = np.asarray([index[s.label] for s in slides], np.int64)
+  groups = np.asarray([s.patient_id for s in slides])
+  rest = np.flatnonzero(split == "train")
+  n_val = carve_validation(split, y, groups, rest, float(cfg.bags.val_fraction),
+                           _keyed_state(int(config_lib.data_seed(cfg)), _VAL, _CSV))
+  return [dataclasses.replace(s, split=str(sp)) for s, sp in zip(slides, split)], n_val
 
 
 @dataclasses.dataclass
@@ -304,6 +336,12 @@ def plan(cfg: Any) -> Plan:
     leak = [p for p, sp in by_patient.items() if len(sp) > 1]
     if leak:
       raise UserError(f"data.slides_csv: patient(s) {_show(leak)} have slides in more than one split")
+    if not any(s.split == "val" for s in slides) and float(cfg.bags.val_fraction) > 0:
+      slides, n_val = _carve_csv_validation(slides, index, cfg)
+      if n_val:
+        split_from = f"csv; validation carved: {n_val} of the training slides (bags.val_fraction=" \
+                     f"{float(cfg.bags.val_fraction):g}, stratified by label, by patient)"
+        logging.info("bags: the slides CSV fixes no validation slides; %s", split_from[5:])
   else:
     split_from = f"fold {cfg.bags.fold} of {cfg.bags.folds}"
     splits = fold_splits([index[s.label] for s in slides], [s.patient_id for s in slides], int(cfg.bags.folds),
@@ -327,7 +365,12 @@ def plan(cfg: Any) -> Plan:
 
 def check(cfg: Any) -> None:
   """What ``main`` refuses before any work (everything but decoding the images)."""
-  plan(cfg)
+  p = plan(cfg)
+  if (not any(s.split == "val" for s in p.slides) and cfg.mil.selection != "last_epoch"
+      and "mil" in config_lib.split_csv(cfg.stages)):
+    raise UserError(f"no validation slides ({p.split_from}, bags.val_fraction={float(cfg.bags.val_fraction):g}) "
+                    f"for MIL model selection (mil.selection={cfg.mil.selection}): raise bags.val_fraction, give a "
+                    "`val` split in data.slides_csv, or set --config.mil.selection=last_epoch to use the last epoch")
 
 
 def settings_from_config(cfg: Any) -> dict[str, Any]:

@@ -29,7 +29,9 @@ accuracy): after every epoch the validation bags are scored; the selected epoch 
 highest validation ROC-AUC, ties (within 1e-9) broken by the lower validation
 cross-entropy, and the earlier epoch wins a full tie. An undefined AUC (one class among
 the validation bags) ranks below any defined one, so then the loss decides. Without
-validation bags the last epoch is used, and the log and summary say so.
+validation bags the stage stops with an error, unless ``mil.selection=last_epoch``
+(``mil.selection=val_loss`` selects the lowest validation cross-entropy instead)
+asks for the last epoch (then the log and summary say so).
 
 Outputs of ``run`` under ``<workdir>/mil/``: ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (orbax; the selected ("best") and the last epoch, step = epoch,

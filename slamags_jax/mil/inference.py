@@ -107,3 +107,18 @@ def split_metrics(bags: Sequence[Bag], pred: dict[str, Any]) -> dict[str, float]
   m = metrics.bag_metrics([b["label"] for b in bags], pred["prob"])
   return {"loss": float(np.mean(pred["ce"])), "auc": m["auc"], "accuracy": m["accuracy"],
           "f1": m["f1"]}
+
+
+def with_temperature(pred: dict[str, Any], temperature: float) -> dict[str, Any]:
+  """``predict``'s output with class probabilities softmax(logits / temperature) (``mil.temperature_scaling``).
+
+  A positive temperature keeps every call (the argmax, and for two classes the 0.5
+  threshold) and every attention; ``ce`` is left as the unscaled model's loss.
+  """
+  t = float(temperature)
+  z = np.asarray(pred["logits"], np.float64) / t
+  probs = np.exp(z - np.logaddexp.reduce(z, axis=-1, keepdims=True))
+  out = dict(pred)
+  out["probs"] = probs
+  out["prob"] = probs[:, ABNORMAL] if probs.shape[1] == 2 else probs[np.arange(len(probs)), pred["pred"]]
+  return out

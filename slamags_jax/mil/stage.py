@@ -13,7 +13,7 @@ from absl import logging
 
 from slamags_jax import metrics
 from slamags_jax.mil.batching import bucket_length
-from slamags_jax.mil.inference import predict, split_metrics
+from slamags_jax.mil.inference import predict, split_metrics, with_temperature
 from slamags_jax.mil.io import (
   SPLITS,
   _model_meta,
@@ -135,16 +135,20 @@ def run(cfg: Any, workdir: str) -> None:
   if writer and os.path.exists(resume_path):
     shutil.rmtree(resume_path)  # training is complete: a rerun of this stage starts afresh
   logging.info("MIL: selected epoch %d (%s)", fit.best_epoch, fit.selection)
-  ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
-
   model = make_model(cfg.mil, num_classes)
   forward = make_forward(model, mesh)
+  if cfg.mil.temperature_scaling:  # opt-in calibration on the validation bags (never test)
+    meta["temperature"] = _fit_temperature(model, fit.params, val, length, forward, mesh)
+  ckpt_steps = save_checkpoints(os.path.join(out, "checkpoints"), fit, meta)
   predict(model, fit.params, test[:1] or train[:1], length, None, forward, mesh)  # compile outside timing
   t0 = time.perf_counter()
   test_pred = predict(model, fit.params, test, length, None, forward, mesh)
   infer_s = time.perf_counter() - t0
   preds = {"train": predict(model, fit.params, train, length, None, forward, mesh),
            "val": predict(model, fit.params, val, length, None, forward, mesh), "test": test_pred}
+  if meta.get("temperature"):
+    preds = {s: with_temperature(p, meta["temperature"]) for s, p in preds.items()}
+    test_pred = preds["test"]
   ordered = train + val + test
   merged = {k: np.concatenate([preds[s][k] for s in SPLITS]) for k in ("prob", "pred", "probs", "logits")}
   for k in ("attention", "attention_branches"):
@@ -158,6 +162,20 @@ def run(cfg: Any, workdir: str) -> None:
   parallel.sync("mil: outputs written")  # the report stage reads what process 0 wrote
   logging.info("MIL done: best epoch %d, val %s, test %s", fit.best_epoch, summary["val_at_best"],
                summary["test"])
+
+
+def _fit_temperature(model: Any, params: Any, val: list[dict[str, Any]], length: int, forward: Any,
+                     mesh: Any) -> float:
+  """T minimising the validation bags' cross-entropy of softmax(logits / T)."""
+  from slamags_jax.report import uncertainty  # pylint: disable=g-import-not-at-top
+  if not val:
+    raise UserError("mil.temperature_scaling needs validation bags (bags.val_fraction > 0)")
+  p = predict(model, params, val, length, None, forward, mesh)
+  t = uncertainty.fit_temperature(p["logits"], [b["label"] for b in val])
+  logging.info("MIL: temperature %.3f fitted on %d validation bags (NLL %.4f -> %.4f)", t, len(val),
+               uncertainty.nll(p["logits"], [b["label"] for b in val]),
+               uncertainty.nll(p["logits"], [b["label"] for b in val], t))
+  return t
 
 
 def _check_training_bags(train: list[dict[str, Any]], labels: list[str]) -> None:
@@ -187,7 +205,7 @@ def _summary(cfg: Any, fit: Any, meta: dict[str, Any], by_split: dict[str, list[
       "labels": labels,
       "n_bags_per_label": {s: [int(sum(b["label"] == c for b in by_split[s])) for c in range(num_classes)]
                            for s in SPLITS},
-      "best_epoch": fit.best_epoch, "selection": fit.selection,
+      "best_epoch": fit.best_epoch, "selection": fit.selection, "temperature": meta.get("temperature"),
       "no_validation": not val, "standardized": bool(cfg.mil.standardize),
       "val_at_best": {k[4:]: best_rec.get(k) for k in ("val_loss", "val_auc", "val_accuracy", "val_f1")},
       "train_loss_at_best": best_rec.get("train_loss"),

@@ -9,7 +9,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 from slamags_jax.mil.batching import Bag, Params, bucket_length, pad_batch, tier_length
 from slamags_jax.mil.inference import predict, split_metrics
@@ -93,6 +92,8 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   """
   if not train:
     raise UserError("no training bags for MIL")
+  mode = selection_mode(mil_cfg, len(val))
+  last_epoch = mode == "last_epoch"
   model = make_model(mil_cfg, num_classes)
   dim = int(train[0]["embeddings"].shape[1])
   length = length or bucket_length(max(b["embeddings"].shape[0] for b in list(train) + list(val)))
@@ -153,8 +154,11 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     if val:
       vm = split_metrics(val, predict(model, params, val, length, None, forward, mesh))
       record.update({f"val_{k}": v for k, v in vm.items()})
-      cand = _selection_key(vm["auc"], vm["loss"])
-      if _better(cand, best_key):
+      cand = (_selection_key(vm["auc"], vm["loss"]) if mode != "val_loss"
+              else _selection_key(-vm["loss"], -vm["auc"]))  # lowest validation cross-entropy, then AUC
+      if last_epoch:
+        best_params, best_epoch = params, epoch
+      elif _better(cand, best_key):
         best_key, best_params, best_epoch = cand, params, epoch
       record["best_epoch"] = best_epoch
       bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_auc=f"{vm['auc']:.3f}",
@@ -167,7 +171,7 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     if on_epoch is not None:
       on_epoch(record)
   bar.close()
-  selection = _selection_text(len(val), best_epoch)
+  selection = _selection_text(len(val), best_epoch, last_epoch, mode)
   return FitResult(params=best_params, last_params=params, best_epoch=best_epoch,
                    selection=selection, history=history, length=length, train_s=train_s,
                    train_bags=train_bags)
@@ -201,12 +205,29 @@ def _epoch_record(epoch: int, global_step: int, epoch_s: float, n: int, step_bag
   return record
 
 
-def _selection_text(n_val: int, best_epoch: int) -> str:
-  """How the epoch was selected, in words (and a warning when there was nothing to select on)."""
-  if n_val:
-    return f"highest validation ROC-AUC on {n_val} validation bags; ties broken by the lower validation cross-entropy"
-  logging.warning("MIL: no validation bags; using the last epoch (%d)", best_epoch)
-  return "last epoch (no validation bags)"
+def selection_mode(mil_cfg: Any, n_val: int) -> str:
+  """``mil.selection``; ``UserError`` when it is ``val_auc`` and there is nothing to select on."""
+  mode = str(getattr(mil_cfg, "selection", "val_auc"))
+  if mode in ("val_auc", "val_loss") and not n_val:
+    raise UserError(NO_VALIDATION_ERROR)
+  return mode
+
+
+NO_VALIDATION_ERROR = (
+    "no validation bags for MIL model selection (mil.selection=val_auc or val_loss): give validation bags "
+    "(bags.val_fraction > 0; with bags.source=slides a `val` split in data.slides_csv, or train/test only and "
+    "bags.val_fraction > 0 carves them), or set --config.mil.selection=last_epoch to use the last epoch "
+    "without selection")
+
+
+def _selection_text(n_val: int, best_epoch: int, last_epoch: bool = False, mode: str = "val_auc") -> str:
+  """How the epoch was selected, in words."""
+  if last_epoch:
+    return (f"last epoch (mil.selection=last_epoch; {n_val} validation bags scored, not used)" if n_val
+            else "last epoch (mil.selection=last_epoch; no validation bags)")
+  if mode == "val_loss":
+    return f"lowest validation cross-entropy on {n_val} validation bags; ties broken by the higher validation ROC-AUC"
+  return f"highest validation ROC-AUC on {n_val} validation bags; ties broken by the lower validation cross-entropy"
 
 
 def _interrupted(trees: Any, progress: dict[str, Any], step_losses: list, step_parts: list) -> Interrupted:

@@ -146,6 +146,30 @@ class PrototypeGatedMIL(nn.Module):
             "aux": {"cluster": l_clst, "proto_cluster": l_proto}}
 
 
+class MeanPoolMIL(nn.Module):
+  """Plain mean pooling, the baseline without attention: a linear score per cell and class,
+  the slide's logits their mean over the cells (= a linear classifier of the mean embedding).
+
+  ``attention`` ranks the cells by their evidence for a class: per class, a softmax over
+  the cells of the cell's score for that class minus its mean score over the classes
+  (for two classes, half the abnormal-minus-normal score). It does not weight the pooling.
+  """
+  dropout: float = 0.0
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> dict[str, Any]:
+    x = jnp.where(mask[..., None], x, 0.0)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    s = nn.Dense(self.num_classes, name="classifier")(x)  # [B, N, C]
+    n_real = jnp.maximum(mask.sum(-1), 1).astype(x.dtype)
+    logits = jnp.sum(jnp.where(mask[..., None], s, 0.0), axis=1) / n_real[:, None]
+    a = masked_softmax(s - s.mean(-1, keepdims=True), mask[..., None], axis=1)  # [B, N, C]
+    zero = jnp.zeros(x.shape[:1], x.dtype)
+    return {"logits": logits, "attention": a[..., ABNORMAL], "attention_branches": a,
+            "aux": {"cluster": zero, "proto_cluster": zero}}
+
+
 def make_model(mil_cfg: Any, num_classes: int = NUM_CLASSES) -> nn.Module:
   """The aggregator named by ``mil_cfg.model`` with its sizes from ``mil_cfg`` (or a checkpoint's meta).
 
@@ -159,7 +183,9 @@ def make_model(mil_cfg: Any, num_classes: int = NUM_CLASSES) -> nn.Module:
   if get("model") == "pamil":
     return PrototypeGatedMIL(hidden_dim=get("hidden_dim"), attention_dim=get("attention_dim"),
                              n_prototypes=get("n_prototypes"), dropout=get("dropout"), num_classes=int(num_classes))
-  raise UserError(f"config key 'mil.model' must be abmil or pamil, got {get('model')!r}")
+  if get("model") == "mean":
+    return MeanPoolMIL(dropout=get("dropout"), num_classes=int(num_classes))
+  raise UserError(f"config key 'mil.model' must be abmil, pamil or mean, got {get('model')!r}")
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 
 from slamags_jax import metrics
-from slamags_jax.report import cells_csv, gallery
+from slamags_jax.report import cells_csv, gallery, uncertainty
+from slamags_jax.report import html as report_html
 from slamags_jax.report.tables import fmt, md_table, slide_rows
 from slamags_jax.runtime import fileio
 from slamags_jax.runtime.errors import UserError
@@ -132,6 +133,8 @@ def _markdown(s: dict[str, Any], test: Sequence[dict[str, Any]], cm: dict[str, A
         md_table(["label", "test slides", "ROC-AUC (one vs rest)", "F1", "precision", "recall"],
                  [[labels[c], pc["n"], fmt(pc["auc"]), fmt(pc["f1"]), fmt(pc["precision"]), fmt(pc["recall"])]
                   for c, pc in enumerate(cm["per_class"])]),
+        f"Patient-level ROC-AUC {uncertainty.interval_text(s)}: {s['bag_auc_ci_method']}. "
+        f"Brier score {fmt(s['brier'])}. Review page: `report.html`.\n",
         "Confusion matrix (rows: true label, columns: called label):\n",
         md_table(["true \\ called"] + labels, [[labels[c]] + cm["confusion"][c] for c in range(num_classes)])]
   if s["retrieval_slides"]:
@@ -161,10 +164,15 @@ def run(cfg: Any, workdir: str, manifest: dict[str, Any], out: str) -> None:
   cm = metrics.class_metrics([int(s["label"]) for s in test], probs, len(labels))
   per = _retrieval(test, labels, set(manifest.get("negative_labels") or []), int(cfg.report.topk))
   summary = _summary(cfg, workdir, manifest, test, cm, per)
+  summary.update(uncertainty.summary_fields([int(s["label"]) for s in test], probs))  # AUC interval, Brier, reliability
   summary["cells_csv_rows"] = cells_csv.write_slide_cells_csv(os.path.join(out, "cells.csv"), test, labels,
                                                               with_truth=True)
   summary["galleries"] = gallery.write_galleries(os.path.join(out, "gallery"), manifest["root"], test, labels,
                                                  int(cfg.report.gallery_max_cells))
+  summary["report_html"] = os.path.basename(report_html.write(  # the review page
+      os.path.join(out, "report.html"), manifest["root"], test, labels, summary=summary,
+      max_cells=int(cfg.report.gallery_max_cells),
+      title=f"Test slides: {cfg.pretrain.method}, {summary['split_from']}, seed {cfg.seed}"))
   md = _markdown(summary, test, cm, summary["galleries"])
   summary["report_wall_s"] = time.perf_counter() - t0
   fileio.write_text(os.path.join(out, "report.md"), md)
