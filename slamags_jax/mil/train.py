@@ -151,22 +151,15 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
     train_s += epoch_s
     train_bags += n
     record = _epoch_record(epoch, global_step, epoch_s, n, step_bags, step_losses, step_parts, mil_cfg)
-    if val:
-      vm = split_metrics(val, predict(model, params, val, length, None, forward, mesh))
-      record.update({f"val_{k}": v for k, v in vm.items()})
-      cand = (_selection_key(vm["auc"], vm["loss"]) if mode != "val_loss"
-              else _selection_key(-vm["loss"], -vm["auc"]))  # lowest validation cross-entropy, then AUC
-      if last_epoch:
-        best_params, best_epoch = params, epoch
-      elif _better(cand, best_key):
-        best_key, best_params, best_epoch = cand, params, epoch
-      record["best_epoch"] = best_epoch
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_auc=f"{vm['auc']:.3f}",
-                      val_loss=f"{vm['loss']:.3f}", refresh=False)
-    else:
+    vm = split_metrics(val, predict(model, params, val, length, None, forward, mesh)) if val else None
+    cand = _candidate(vm, mode)
+    if cand is None or last_epoch:
       best_params, best_epoch = params, epoch
-      record["best_epoch"] = best_epoch
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False)
+    elif _better(cand, best_key):
+      best_key, best_params, best_epoch = cand, params, epoch
+    record.update({f"val_{k}": v for k, v in (vm or {}).items()}, best_epoch=best_epoch)
+    bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False,
+                    **({"val_auc": f"{vm['auc']:.3f}", "val_loss": f"{vm['loss']:.3f}"} if vm else {}))
     history.append(record)
     if on_epoch is not None:
       on_epoch(record)
@@ -175,6 +168,15 @@ def train_mil(train: Sequence[Bag], val: Sequence[Bag], mil_cfg: Any, key: jax.A
   return FitResult(params=best_params, last_params=params, best_epoch=best_epoch,
                    selection=selection, history=history, length=length, train_s=train_s,
                    train_bags=train_bags)
+
+
+def _candidate(vm: dict[str, float] | None, mode: str) -> tuple[float, float] | None:
+  """The selection key of an epoch's validation metrics (None without validation bags)."""
+  if vm is None:
+    return None
+  if mode == "val_loss":  # lowest validation cross-entropy, then AUC
+    return _selection_key(-vm["loss"], -vm["auc"])
+  return _selection_key(vm["auc"], vm["loss"])
 
 
 def _unpack_resume(resume: tuple[Any, dict[str, Any]], mesh: jax.sharding.Mesh | None) -> tuple:
