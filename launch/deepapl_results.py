@@ -196,10 +196,11 @@ def main(argv=None) -> int:
   ax.axvline(0.5, color="grey", ls=":", lw=1)
   ax.set_yticks(range(len(rows)))
   ax.set_yticklabels([f"{r['setting']} ({r['aggregator']})" for r in rows], fontsize=8)
-  ax.set_xlabel("pooled out-of-fold patient ROC-AUC, 95 % CI (DeLong); 82 Discovery patients")
+  ax.set_xlabel("pooled out-of-fold AUC, 95 % CI (DeLong)")
   ax.set_xlim(0.3, 1.0)
   ax.legend(loc="lower left", fontsize=8)
   fig.tight_layout()
+  fig.subplots_adjust(bottom=max(0.05, 0.6 / (0.45 * len(rows) + 1.2)))
   fig.savefig(os.path.join(args.out, "study.png"), dpi=110)
   return 0
 
