@@ -213,7 +213,7 @@ def test_csv_with_train_and_test_only_gets_validation_slides_carved_from_train(f
 
 
 def test_carve_is_stratified_by_label():
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   y = np.asarray([0] * 40 + [1] * 20)
   groups = np.asarray([f"p{i}" for i in range(60)])
   split = np.full(60, "train", dtype=object)

@@ -11,7 +11,7 @@ from slamags_jax import config as config_lib
 from slamags_jax.runtime import fileio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import slide_set  # pylint: disable=g-import-not-at-top
+import slide_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -191,7 +191,7 @@ def carve_validation(split: np.ndarray, y: np.ndarray, groups: np.ndarray, rest:
   label of ``rest`` in training). Returns the number of validation slides (0, with a
   warning, when the patients are too few or no carve keeps every label in training).
   """
-  from sklearn.model_selection import StratifiedGroupKFold  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import StratifiedGroupKFold
   rest = np.asarray(rest, np.int64)
   if val_fraction <= 0 or len(rest) == 0:
     return 0

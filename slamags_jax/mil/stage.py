@@ -167,7 +167,7 @@ def run(cfg: Any, workdir: str) -> None:
 def _fit_temperature(model: Any, params: Any, val: list[dict[str, Any]], length: int, forward: Any,
                      mesh: Any) -> float:
   """T minimising the validation bags' cross-entropy of softmax(logits / T)."""
-  from slamags_jax.report import uncertainty  # pylint: disable=g-import-not-at-top
+  from slamags_jax.report import uncertainty
   if not val:
     raise UserError("mil.temperature_scaling needs validation bags (bags.val_fraction > 0)")
   p = predict(model, params, val, length, None, forward, mesh)

@@ -161,7 +161,7 @@ def page(root: str, slides: Sequence[dict[str, Any]], labels: Sequence[str], *, 
     auc = summary.get("bag_auc")
     ci = summary.get("bag_auc_ci95")
     if auc is None:
-      from slamags_jax.report import uncertainty  # pylint: disable=g-import-not-at-top
+      from slamags_jax.report import uncertainty
       d = uncertainty.delong_auc(y, score)
       auc, ci = d["auc"], d["ci95"]
     ci_text = f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f}, {html.escape(summary.get('bag_auc_ci_method') or 'DeLong')})" \
@@ -169,7 +169,7 @@ def page(root: str, slides: Sequence[dict[str, Any]], labels: Sequence[str], *, 
     top.append(f'<div><h2>ROC ({labels[1]} vs {labels[0]}, {len(known)} slides)</h2>'
                + _svg_plot([(roc_points(y, score), "#1f77b4", "line")], "false positive rate", "true positive rate")
                + f"<p>ROC-AUC <b>{auc:.3f}</b>{ci_text}</p></div>")
-    from slamags_jax.report import uncertainty  # pylint: disable=g-import-not-at-top
+    from slamags_jax.report import uncertainty
     bins = uncertainty.reliability_bins(np.asarray(y) == 1, score)
     pts = [(b["mean_p"], b["observed"], 2 + 6 * (b["n"] / len(y)) ** 0.5) for b in bins if b["n"]]
     top.append(f'<div><h2>Reliability (p({html.escape(labels[1])}) vs observed)</h2>'
