@@ -12,14 +12,14 @@
 # Environment (defaults):
 #   PYTHON=<repo>/.venv/bin/python   interpreter whose packages are checked
 #   WHEELS=                          optional folder of wheels to put on top (the GPU machine's way)
-#   TESTS=-m "not e2e"              test files or a pytest expression (default: the fast loop)
+#   TESTS=-m "not e2e and not slow" test files or a pytest expression (default: the fast loop)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 WHEELS="${WHEELS:-}"
 # The fast loop: every test but the end-to-end ones (no CLI subprocesses, no whole pipelines).
-TESTS="${TESTS:--m not\ e2e}"
+TESTS="${TESTS:--m not\ e2e\ and\ not\ slow}"
 cd "$REPO"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT

@@ -37,10 +37,10 @@ if os.environ["SLAMAGS_JAX_CACHE"].lower() != "off":
 # end). Starting the longest first keeps both workers busy to the end. Files not listed
 # follow in their usual order; a stale list costs only balance, never a test.
 LONGEST_FIRST = (
-    "test_parallel.py", "test_reliability.py", "test_pretrain.py", "test_pretrain_oracles.py", "test_mil.py",
-    "test_bench.py", "test_predict.py", "test_device_augment.py", "test_models.py", "test_input_pipeline.py",
-    "test_preemption.py", "test_report.py", "test_conv.py", "test_mil_models.py", "test_export.py",
-    "test_ioerrors.py",
+    "test_parallel.py", "test_reliability.py", "test_pretrain.py", "test_pretrain_oracles.py",
+    "test_surgery_properties.py", "test_mil.py", "test_bench.py", "test_predict.py", "test_surgery_pipeline.py",
+    "test_device_augment.py", "test_models.py", "test_input_pipeline.py", "test_preemption.py", "test_report.py",
+    "test_conv.py", "test_mil_models.py", "test_export.py", "test_ioerrors.py",
 )
 
 

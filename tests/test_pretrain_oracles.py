@@ -14,6 +14,10 @@ from test_pretrain import MEAN, SIZE, STD, Setup, _batch, _cfg
 
 from slamags_jax import losses, models, pretrain, surgery
 
+# Float64 ResNet programs: the slowest compiles of the suite, so they run in the full suite
+# (`pytest`) and not in the fast loop (`pytest -m "not e2e and not slow"`).
+pytestmark = pytest.mark.slow
+
 
 def _reference_view_embeddings(model, params, stats, images):
   """The reference's separate forward pass per view batch (views=1 each)."""

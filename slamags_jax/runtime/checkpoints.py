@@ -115,7 +115,8 @@ def _quiet_closed_loop_callbacks() -> None:
   reads are still completing; each then fails to post its result (``RuntimeError: Event
   loop is closed``) and prints a traceback (through ``sys.excepthook`` or
   ``sys.unraisablehook``). They say nothing the warning does not, so these two hooks
-  drop exactly that error (installed once, process-wide, on the first failed restore).
+  drop exactly that error (installed once, process-wide, before the first restore: the late
+  callbacks can fire before the failed restore's exception reaches its handler).
   """
   if getattr(sys.excepthook, "_drops_closed_loop", False):
     return
@@ -146,11 +147,11 @@ def restore_newest(mngr: ocp.CheckpointManager, like_state: Any, *, start_over: 
   from slamags_jax.runtime.errors import UserError
   damaged: list[int] = []
   reasons: list[str] = []
+  _quiet_closed_loop_callbacks()
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       state = restore(mngr, step, like_state, None)
     except Exception as e:  # tensorstore and orbax raise ValueError, OSError, ...
-      _quiet_closed_loop_callbacks()
       path = os.path.join(os.fspath(mngr.directory), str(step))
       logging.warning("the checkpoint %s does not restore (%s); skipped", path, _short(e))
       damaged.append(step)
