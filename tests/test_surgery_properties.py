@@ -297,3 +297,29 @@ def test_sharded_update_equals_unsharded():
                        timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.startswith("OK")
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: surgery.sum_tasks(3, diagnostics=d), lambda d: surgery.mean_tasks(3, diagnostics=d),
+    lambda d: surgery.constant_weights([0.5, 2.0, 1.0], diagnostics=d),
+    lambda d: surgery.random_weights(3, seed=4, diagnostics=d)])
+def test_diagnostics_off_skips_only_the_diagnostics(make):
+  """Weighting methods without the Gram pass: the same update over steps, zero diagnostics."""
+  j = jacobian(3)
+  on, off = make(True), make(False)
+  params = jax.tree_util.tree_map(lambda x: x[0], tree(j))
+  s_on, s_off = on.init(params), off.init(params)
+  for step in range(3):
+    g = tree(j * (step + 1))
+    u_on, s_on = jax.jit(on.update)(g, s_on)
+    u_off, s_off = jax.jit(off.update)(g, s_off)
+    np.testing.assert_allclose(flat(u_off), flat(u_on), rtol=1e-12, atol=0)
+  assert float(jnp.max(jnp.abs(surgery.diagnostics(s_on).norm_tasks))) > 0
+  for leaf in jax.tree_util.tree_leaves(surgery.diagnostics(s_off)):
+    assert not np.any(np.asarray(leaf))
+
+
+def test_diagnostics_cannot_be_turned_off_where_the_gram_is_the_method():
+  from slamags_jax.surgery._aggregator import aggregator
+  with pytest.raises(ValueError, match="needs the Gram matrix"):
+    aggregator("x", 2, lambda u, g, e, k: (None, jnp.ones(2), e), needs_gram=True, diagnostics=False)

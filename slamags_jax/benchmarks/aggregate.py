@@ -46,10 +46,12 @@ def _cases(m: int) -> list[tuple[str, Callable[[], Any], Callable[[Any], Any] | 
       ("graddrop", lambda: surgery.graddrop(m), lambda A: A.GradDrop()),
       ("fairgrad", lambda: surgery.fairgrad(m, 1.0), lambda A: A.FairGrad(1.0)),
       ("excess_mtl", lambda: surgery.excess_mtl(m), lambda A: A.ExcessMTL()),
-      ("mean_tasks", lambda: surgery.mean_tasks(m), lambda A: A.Mean()),
-      ("sum_tasks", lambda: surgery.sum_tasks(m), lambda A: A.Sum()),
-      ("constant_weights", lambda: surgery.constant_weights(pref), None),
-      ("random_weights", lambda: surgery.random_weights(m), lambda A: A.Random()),
+      # The four weightings that need no Gram matrix run without their diagnostics (like TorchJD's).
+      ("mean_tasks", lambda: surgery.mean_tasks(m, diagnostics=False), lambda A: A.Mean()),
+      ("sum_tasks", lambda: surgery.sum_tasks(m, diagnostics=False), lambda A: A.Sum()),
+      ("constant_weights", lambda: surgery.constant_weights(pref, diagnostics=False),
+       lambda A: A.Constant(__import__("torch").tensor(pref))),
+      ("random_weights", lambda: surgery.random_weights(m, diagnostics=False), lambda A: A.Random()),
   ]
   if m >= 4:
     cases.append(("krum", lambda: surgery.krum(m, 1), lambda A: A.Krum(1)))

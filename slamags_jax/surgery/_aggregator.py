@@ -47,12 +47,16 @@ def normalize_gram(gram: jax.Array, eps: float) -> jax.Array:
 
 def aggregator(name: str, num_tasks: int, combine: Combine, *, seed: int = 0,
                init_extra: Callable[[Any], Any] = lambda params: (),
-               needs_gram: bool = True) -> optax.GradientTransformation:
+               needs_gram: bool = True, diagnostics: bool = True) -> optax.GradientTransformation:
   """An optax transform from ``combine`` (module docs); state is an ``AggregatorState``.
 
   ``init_extra(params)`` builds the method's own state (params without the task axis).
   The PRNG key is split on every update; ``combine`` gets the fresh subkey.
+  ``diagnostics=False`` (only where ``needs_gram`` is False): no Gram pass at all,
+  ``combine`` gets ``gram=None``, the diagnostics stay zero.
   """
+  if diagnostics is False and needs_gram:
+    raise ValueError(f"{name} needs the Gram matrix: diagnostics cannot be turned off")
   def init_fn(params):
     key = jax.random.key_data(jax.random.key(seed))
     return AggregatorState(key=key, diagnostics=_empty_diagnostics(num_tasks),
@@ -64,6 +68,11 @@ def aggregator(name: str, num_tasks: int, combine: Combine, *, seed: int = 0,
     gram = gram_matrix(updates) if needs_gram else None
     new_key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     out, w, extra = combine(updates, gram, state.extra, sub)
+    if not diagnostics:  # weighting methods only (checked above)
+      if w is not None:
+        out = weighted_task_sum(updates, w)
+      return out, AggregatorState(key=jax.random.key_data(new_key), diagnostics=state.diagnostics,
+                                  extra=extra)
     if gram is None:  # the diagnostics need it; cheap next to the coordinate-wise work
       gram = gram_matrix(updates)
     if w is not None:

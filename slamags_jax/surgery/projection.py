@@ -11,6 +11,7 @@ from slamags_jax.surgery._core import (
   SurgeryDiagnostics,
   SurgeryState,
   _check_task_axis,
+  _compute_dtype,
   _cosine,
   _empty_diagnostics,
   _quad,
@@ -88,10 +89,11 @@ def pcgrad(
   return _transform("pcgrad", num_tasks, seed, eps, 0.0)
 
 
-def sum_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
+def sum_tasks(num_tasks: int = 2, *, diagnostics: bool = True) -> optax.GradientTransformation:
   """Plain sum over the task axis (WeakSupCon; T = 1 for single-task methods).
 
-  The sum of the losses' gradient. TorchJD: ``Sum()``.
+  The sum of the losses' gradient. TorchJD: ``Sum()``. ``diagnostics=False`` skips the
+  Gram pass that only the diagnostics need (they stay zero): one pass over the updates.
 
   >>> import jax.numpy as jnp
   >>> from slamags_jax import surgery
@@ -100,11 +102,11 @@ def sum_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
   >>> [float(x) for x in out["w"]]
   [0.0, 1.0]
   """
-  return _transform("sum", num_tasks, 0, 0.0, 0.0)
+  return _transform("sum", num_tasks, 0, 0.0, 0.0, diagnostics)
 
 
-def mean_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
-  """Plain mean over the task axis. TorchJD: ``Mean()``.
+def mean_tasks(num_tasks: int = 2, *, diagnostics: bool = True) -> optax.GradientTransformation:
+  """Plain mean over the task axis. TorchJD: ``Mean()``. ``diagnostics``: as ``sum_tasks``.
 
   >>> import jax.numpy as jnp
   >>> from slamags_jax import surgery
@@ -113,7 +115,7 @@ def mean_tasks(num_tasks: int = 2) -> optax.GradientTransformation:
   >>> [float(x) for x in out["w"]]
   [0.0, 0.5]
   """
-  return _transform("mean", num_tasks, 0, 0.0, 0.0)
+  return _transform("mean", num_tasks, 0, 0.0, 0.0, diagnostics)
 
 
 def balance_task_norms(num_tasks: int = 2, *, eps: float = 1e-12) -> optax.GradientTransformation:
@@ -160,14 +162,16 @@ def balance_task_norms(num_tasks: int = 2, *, eps: float = 1e-12) -> optax.Gradi
 
 # ----------------------------------------------------------------------------- internals
 
-def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float
-               ) -> optax.GradientTransformation:
+def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float,
+               diagnostics: bool = True) -> optax.GradientTransformation:
   name = {"ags": "adaptive_gradient_surgery", "pcgrad": "pcgrad",
           "sum": "sum_tasks", "mean": "mean_tasks"}[method]
   if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
     raise ValueError(f"{name}: num_tasks must be an int >= 1, got {num_tasks!r}")
   if eps < 0 or rtol < 0:
     raise ValueError(f"{name}: eps and rtol must be >= 0, got eps={eps}, rtol={rtol}")
+  if not diagnostics and method not in ("sum", "mean"):
+    raise ValueError(f"{name} needs the Gram matrix: diagnostics cannot be turned off")
 
   def init_fn(params):
     del params  # no per-parameter state
@@ -177,6 +181,9 @@ def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float
   def update_fn(updates, state, params=None):
     del params  # not needed (and without the task axis)
     leaves = _check_task_axis(updates, num_tasks, name)
+    if not diagnostics:  # sum / mean only (checked above): the weighted sum, no Gram pass
+      w = jnp.full((num_tasks,), 1.0 if method == "sum" else 1.0 / num_tasks, _compute_dtype(leaves))
+      return weighted_task_sum(updates, w), state
     gram = gram_matrix(updates)
     dtype = gram.dtype
     ones = jnp.ones((num_tasks,), dtype)

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from slamags_jax.surgery._aggregator import aggregator, check_num_tasks, normalize_gram
+from slamags_jax.surgery._core import _compute_dtype
 from slamags_jax.surgery._qp import dual_cone_weights
+
+
+def _dtype(updates, gram) -> jnp.dtype:
+  """The compute dtype: the Gram matrix's, or (without one) at least float32 of the updates."""
+  return gram.dtype if gram is not None else _compute_dtype(jax.tree_util.tree_leaves(updates))
 
 
 def _mv(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -325,10 +331,11 @@ def krum(num_tasks: int, n_byzantine: int, n_selected: int = 1) -> optax.Gradien
   return aggregator(name, num_tasks, combine)
 
 
-def constant_weights(weights: Sequence[float]) -> optax.GradientTransformation:
+def constant_weights(weights: Sequence[float], *, diagnostics: bool = True) -> optax.GradientTransformation:
   """Constant: ``sum_i weights_i g_i`` with fixed weights (one per task).
 
   The classic weighted-loss baseline, as a transform. TorchJD: ``Constant(weights)``.
+  ``diagnostics=False`` skips the Gram pass only the diagnostics need (they stay zero).
 
   >>> import jax.numpy as jnp
   >>> from slamags_jax import surgery
@@ -343,12 +350,15 @@ def constant_weights(weights: Sequence[float]) -> optax.GradientTransformation:
     raise ValueError("constant_weights: weights must hold one number per task, got none")
 
   def combine(updates, gram, extra, key):
-    return None, jnp.asarray(w, gram.dtype), extra
-  return aggregator("constant_weights", len(w), combine)
+    return None, jnp.asarray(w, _dtype(updates, gram)), extra
+  return aggregator("constant_weights", len(w), combine, needs_gram=False, diagnostics=diagnostics)
 
 
-def random_weights(num_tasks: int = 2, seed: int = 0) -> optax.GradientTransformation:
+def random_weights(num_tasks: int = 2, seed: int = 0, *, diagnostics: bool = True
+                   ) -> optax.GradientTransformation:
   """Random: ``softmax(z)`` weights, ``z ~ N(0, I)`` drawn anew every step (key in the state).
+
+  ``diagnostics=False`` skips the Gram pass only the diagnostics need (they stay zero).
 
   Paper: Lin et al., "Reasonable Effectiveness of Random Weighting" (TMLR 2022).
   TorchJD: ``Random()``.
@@ -365,6 +375,6 @@ def random_weights(num_tasks: int = 2, seed: int = 0) -> optax.GradientTransform
   check_num_tasks(num_tasks, name)
 
   def combine(updates, gram, extra, key):
-    z = jax.random.normal(key, (num_tasks,), gram.dtype)
+    z = jax.random.normal(key, (num_tasks,), _dtype(updates, gram))
     return None, jax.nn.softmax(z), extra
-  return aggregator(name, num_tasks, combine, seed=seed)
+  return aggregator(name, num_tasks, combine, seed=seed, needs_gram=False, diagnostics=diagnostics)
