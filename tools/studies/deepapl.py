@@ -17,8 +17,9 @@ is the mean of its cells' standardised embeddings; an L2 logistic regression (C 
 on the fold's validation slides from 0.01, 0.1, 1) is trained on the fold's training
 slides and scores its test slides.
 
-Writes ``<out>/study.csv``, ``<out>/study.md`` and ``<out>/study.png`` (pooled AUC with
-interval per setting). Never reads a test slide to choose anything.
+Writes ``<out>/study.csv``, ``<out>/study.md``, ``<out>/study_seeds.md`` (each setting
+over its seeds: a ``_s<k>`` in a name is seed k, none is seed 0) and ``<out>/study.png``
+(pooled AUC with interval per setting). Never reads a test slide to choose anything.
 """
 
 from __future__ import annotations
@@ -141,6 +142,40 @@ def _metrics(pool: dict[str, Any]) -> dict[str, Any]:
           "accuracy": pool["accuracy"], "brier": pool["brier"], "ece": pool.get("ece")}
 
 
+def seed_key(setting: str) -> tuple[str, int]:
+  """``("r72_random_mean", 1)`` from ``r72_random_s1_mean``: the setting without its ``_s<k>`` and k (0 if none)."""
+  m = re.search(r"_s(\d+)(?=_|$|\+)", setting)
+  if not m:
+    return setting, 0
+  return setting[:m.start()] + setting[m.end():], int(m.group(1))
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per setting over its seeds: pooled AUC per seed, mean, min, max; mean balanced accuracy."""
+  groups: dict[str, dict[int, dict[str, Any]]] = {}
+  for r in rows:
+    base, seed = seed_key(r["setting"])
+    groups.setdefault(base, {})[seed] = r
+  out = []
+  for base, by_seed in groups.items():
+    seeds = sorted(by_seed)
+    aucs = [by_seed[k]["pooled_auc"] for k in seeds]
+    out.append({"setting": base, "aggregator": by_seed[seeds[0]]["aggregator"], "seeds": seeds, "aucs": aucs,
+                "auc_mean": float(np.mean(aucs)), "auc_min": float(min(aucs)), "auc_max": float(max(aucs)),
+                "bal_acc_mean": float(np.mean([by_seed[k]["balanced_accuracy"] for k in seeds]))})
+  return out
+
+
+def seed_table(summary: list[dict[str, Any]]) -> str:
+  md = ["| setting | MIL | seeds | pooled OOF AUC per seed | mean | min - max | bal. acc. (mean) |",
+        "|---|---|---|---|---|---|---|"]
+  for r in summary:
+    md.append(f"| {r['setting']} | {r['aggregator']} | {','.join(map(str, r['seeds']))} | "
+              f"{' / '.join(_f(a) for a in r['aucs'])} | {_f(r['auc_mean'])} | {_f(r['auc_min'])} - "
+              f"{_f(r['auc_max'])} | {_f(r['bal_acc_mean'])} |")
+  return "\n".join(md) + "\n"
+
+
 def _f(x: Any, d: int = 3) -> str:
   return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else (f"{x:.{d}f}" if isinstance(
       x, float) else str(x))
@@ -182,6 +217,8 @@ def main(argv=None) -> int:
               f" | {_f(r['pretrain_plus_mil_wall_s_per_fold'], 0)} |")
   with open(os.path.join(args.out, "study.md"), "w") as f:
     f.write("\n".join(md) + "\n")
+  with open(os.path.join(args.out, "study_seeds.md"), "w") as f:
+    f.write(seed_table(seed_summary(rows)))
   print("\n".join(md))
   import matplotlib
   matplotlib.use("Agg")
