@@ -429,6 +429,8 @@ def main(argv=None) -> None:
   p.add_argument("--params", default="100000,1000000,10000000",
                  help="[aggregate] comma list of parameter counts")
   p.add_argument("--transforms", default="", help="[aggregate] comma list of names (default: all)")
+  p.add_argument("--stacking", choices=("materialized", "in_step"), default="materialized",
+                 help="[aggregate] one stacked pytree (as from jax.jacrev) or per-task pytrees stacked in the jit")
   a = p.parse_args(argv)
   if a.mode == "aggregate":  # one JSON line per transform, printed as they finish
     from slamags_jax.benchmarks import aggregate

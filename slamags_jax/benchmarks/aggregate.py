@@ -12,6 +12,13 @@ per (transform, m, n) with the median milliseconds of each (``jax_ms``,
 ``torchjd_ms``) and ``speedup = torchjd_ms / jax_ms``; ``torchjd_ms`` is null without
 TorchJD (or for a configuration TorchJD rejects). The input arrays are built once per
 (m, n) and not counted.
+
+``--stacking`` says where JAX's task axis comes from: ``materialized`` (default) hands the
+jitted update one stacked pytree, as ``jax.jacrev`` of stacked losses produces;
+``in_step`` hands it the m per-task gradient pytrees and stacks them inside the same jit,
+as a train step does after one backward pass per task (the pipeline's case). XLA:CPU
+reads a task slice of a materialised ``[T, ...]`` leaf far more slowly than a separate
+buffer (docs/performance.md), so the two differ at large n.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from slamags_jax import surgery
@@ -84,14 +92,19 @@ def _median_ms(fn: Callable[[], Any], steps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def _time_jax(make: Callable[[], Any], tree: dict, steps: int) -> float:
+def _time_jax(make: Callable[[], Any], tree: dict, steps: int, stacking: str = "materialized") -> float:
   tx = make()
   state = tx.init(jax.tree_util.tree_map(lambda x: x[0], tree))
-  update = jax.jit(tx.update)
+  if stacking == "in_step":  # m separate per-task pytrees, stacked inside the jit
+    m = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    inputs = [jax.tree_util.tree_map(lambda x, t=t: jax.device_put(np.asarray(x[t])), tree) for t in range(m)]
+    update = jax.jit(lambda parts, st: tx.update(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), st))
+  else:
+    inputs, update = tree, jax.jit(tx.update)
   box = [state]
 
   def one():
-    out, box[0] = update(tree, box[0])
+    out, box[0] = update(inputs, box[0])
     jax.block_until_ready(out)
   return _median_ms(one, steps)
 
@@ -129,13 +142,13 @@ def run(a) -> None:
       for name, make, make_agg in _cases(m):
         if only and name not in only:
           continue
-        jax_ms = _time_jax(make, tree, steps)
+        jax_ms = _time_jax(make, tree, steps, getattr(a, "stacking", "materialized"))
         torch_ms = _time_torch(make_agg, A, matrix, steps)
         row = {"mode": "aggregate", "transform": name, "tasks": m, "params": n,
                "jax_ms": round(jax_ms, 3),
                "torchjd_ms": None if torch_ms is None else round(torch_ms, 3),
                "speedup": None if torch_ms is None else round(torch_ms / jax_ms, 2),
-               "steps": steps, **host}
+               "steps": steps, "stacking": getattr(a, "stacking", "materialized"), **host}
         print(json.dumps(row))
         sys.stdout.flush()
       del tree, matrix, j
