@@ -29,3 +29,15 @@ def test_seed_summary_and_table():
   assert summary["r48_random_mean"]["seeds"] == [0]
   table = deepapl.seed_table(list(summary.values()))
   assert "| r72_random_mean | mean | 0,1,2 | 0.850 / 0.890 / 0.810 | 0.850 | 0.810 - 0.890 | 0.750 |" in table
+
+
+def test_factor_tables_mark_missing_rows_and_show_seeds():
+  rows = [{"setting": n, "aggregator": "mean", "pooled_auc": a, "ci_lo": a - 0.1, "ci_hi": a + 0.1,
+           "balanced_accuracy": 0.8, "brier": 0.3, "promyelocyte_ap": 0.04, "promyelocyte_recall_at_k": 0.01}
+          for n, a in [("r72_random_mean_valloss", 0.85), ("r72_random_s1_mean_valloss", 0.89),
+                       ("r48_random_mean_valloss", 0.86)]]
+  text = deepapl.factor_tables(rows, deepapl.seed_summary(rows))
+  assert ("| 48 px (54 px cells) | `r48_random_mean_valloss` | 0.860 [0.760, 0.960] | 0.800 | 0.300 | "
+          "0.040 / 0.010 | seed 0 only |") in text
+  assert "0.850 / 0.890 (0.870) |" in text
+  assert "| 96 px (108 px cells) | `r96_random_mean_valloss` | not run |" in text

@@ -17,7 +17,8 @@ is the mean of its cells' standardised embeddings; an L2 logistic regression (C 
 on the fold's validation slides from 0.01, 0.1, 1) is trained on the fold's training
 slides and scores its test slides.
 
-Writes ``<out>/study.csv``, ``<out>/study.md``, ``<out>/study_seeds.md`` (each setting
+Writes ``<out>/study.csv``, ``<out>/study.md``, ``<out>/study_factors.md`` (the
+one-factor-at-a-time tables of ``FACTORS``), ``<out>/study_seeds.md`` (each setting
 over its seeds: a ``_s<k>`` in a name is seed k, none is seed 0) and ``<out>/study.png``
 (pooled AUC with interval per setting). Never reads a test slide to choose anything.
 """
@@ -176,6 +177,64 @@ def seed_table(summary: list[dict[str, Any]]) -> str:
   return "\n".join(md) + "\n"
 
 
+# results/deepapl/README.md's one-factor-at-a-time tables: (title, [(label, setting)]).
+FACTORS = [
+    ("Input resolution (untrained encoder, width 16, mean pooling, `val_loss`)", [
+        ("48 px (54 px cells)", "r48_random_mean_valloss"),
+        ("72 px (81 px cells; the recipe)", "r72_random_mean_valloss"),
+        ("96 px (108 px cells)", "r96_random_mean_valloss")]),
+    ("Encoder width (untrained, 72 px)", [
+        ("16 (the recipe)", "r72_random_mean_valloss"),
+        ("32", "r72_random_w32_mean_valloss")]),
+    ("Embedding (untrained, 72 px)", [
+        ("head: the projection head's 512-d output (the recipe)", "r72_random_mean_valloss"),
+        ("pooled: the encoder's pooled features", "r72_random_pooled_mean_valloss")]),
+    ("Pretraining method (1 epoch, 72 px, width 16, lr 0.003, batch 64; mean pooling, `val_loss`)", [
+        ("`random` (no pretraining)", "r72_random_mean_valloss"),
+        ("`weakly` (cells inherit the patient's label)", "r72_weakly_e1_mean_valloss"),
+        ("`simclr`", "r72_simclr_e1_mean_valloss"),
+        ("`slam_ags` (shared head, as the authors)", "r72_slam_ags_e1_mean_valloss"),
+        ("`slam_ags_heads` (per-task heads, AGS)", "r72_slam_ags_heads_e1_mean_valloss"),
+        ("`weaksupcon_heads` (control: plain sum)", "r72_weaksupcon_heads_e1_mean_valloss"),
+        ("`pcgrad_heads` (control: PCGrad)", "r72_pcgrad_heads_e1_mean_valloss")]),
+    ("MIL aggregator (untrained encoder, 72 px, `val_auc` selection)", [
+        ("mean pooling", "r72_random_mean"),
+        ("ABMIL", "r72_random"),
+        ("PAMIL", "r72_random_pamil"),
+        ("mean-pooling logistic regression (baseline outside the pipeline)", "r72_random+meanpool")]),
+    ("MIL selection (untrained encoder, 72 px)", [
+        ("mean pooling, `val_loss` (the recipe)", "r72_random_mean_valloss"),
+        ("mean pooling, `val_auc`", "r72_random_mean"),
+        ("ABMIL, `val_auc`", "r72_random"),
+        ("ABMIL, `val_loss`", "r72_random_valloss"),
+        ("ABMIL, `last_epoch`", "r72_random_lastepoch")]),
+]
+
+
+def factor_tables(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+  """``FACTORS`` as markdown tables: seed 0's pooled AUC with interval, and the seeds' AUCs where there are several."""
+  by = {r["setting"]: r for r in rows}
+  over = {r["setting"]: r for r in summary}
+  out = []
+  for title, items in FACTORS:
+    out += [f"**{title}**", "", "| setting | row | pooled OOF AUC [95 % CI], seed 0 | bal. acc. | Brier | "
+            "promyelocyte AP / recall@20 | seeds: pooled AUC (mean) |", "|---|---|---|---|---|---|---|"]
+    for label, key in items:
+      r = by.get(key)
+      if r is None:
+        out.append(f"| {label} | `{key}` | not run | | | | |")
+        continue
+      s = over.get(key)
+      seeds = (f"{' / '.join(_f(a) for a in s['aucs'])} ({_f(s['auc_mean'])})" if s and len(s["seeds"]) > 1
+               else "seed 0 only")
+      ap = (f"{_f(r.get('promyelocyte_ap'))} / {_f(r.get('promyelocyte_recall_at_k'))}"
+            if r.get("promyelocyte_ap") is not None else "")
+      out.append(f"| {label} | `{key}` | {_f(r['pooled_auc'])} [{_f(r['ci_lo'])}, {_f(r['ci_hi'])}] | "
+                 f"{_f(r['balanced_accuracy'])} | {_f(r['brier'])} | {ap} | {seeds} |")
+    out.append("")
+  return "\n".join(out)
+
+
 def _f(x: Any, d: int = 3) -> str:
   return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else (f"{x:.{d}f}" if isinstance(
       x, float) else str(x))
@@ -219,6 +278,8 @@ def main(argv=None) -> int:
     f.write("\n".join(md) + "\n")
   with open(os.path.join(args.out, "study_seeds.md"), "w") as f:
     f.write(seed_table(seed_summary(rows)))
+  with open(os.path.join(args.out, "study_factors.md"), "w") as f:
+    f.write(factor_tables(rows, seed_summary(rows)))
   print("\n".join(md))
   import matplotlib
   matplotlib.use("Agg")
