@@ -21,7 +21,7 @@ One run on a fixed train/test split (a ``split`` column in the CSV; with only
 
 Expected cost (CPU tier), measured on the DeepAPL Discovery cohort (82 patients, 20,278
 cells) on a 2-core AMD EPYC: the bags/image check, embedding every cell once at 96 px and
-100 epochs of mean-pooling MIL took 266 s user + 23 s sys CPU for all 5 folds (about
+100 epochs of mean-pooling MIL took 276 s user + 24 s sys CPU for all 5 folds (about
 1 CPU-minute per fold; 61 s wall per fold with a second study sharing the machine). Far
 inside the 15-minute-per-fold CPU budget.
 
