@@ -40,4 +40,4 @@ def test_factor_tables_mark_missing_rows_and_show_seeds():
   assert ("| 48 px (54 px cells) | `r48_random_mean_valloss` | 0.860 [0.760, 0.960] | 0.800 | 0.300 | "
           "0.040 / 0.010 | seed 0 only |") in text
   assert "0.850 / 0.890 (0.870) |" in text
-  assert "| 96 px (108 px cells) | `r96_random_mean_valloss` | not run |" in text
+  assert "| 96 px (108 px cells; the recipe) | `r96_random_mean_valloss` | not run |" in text

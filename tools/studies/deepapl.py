@@ -181,13 +181,13 @@ def seed_table(summary: list[dict[str, Any]]) -> str:
 FACTORS = [
     ("Input resolution (untrained encoder, width 16, mean pooling, `val_loss`)", [
         ("48 px (54 px cells)", "r48_random_mean_valloss"),
-        ("72 px (81 px cells; the recipe)", "r72_random_mean_valloss"),
-        ("96 px (108 px cells)", "r96_random_mean_valloss")]),
+        ("72 px (81 px cells; the recipe until 96 px won)", "r72_random_mean_valloss"),
+        ("96 px (108 px cells; the recipe)", "r96_random_mean_valloss")]),
     ("Encoder width (untrained, 72 px)", [
-        ("16 (the recipe)", "r72_random_mean_valloss"),
+        ("16 (as the recipe)", "r72_random_mean_valloss"),
         ("32", "r72_random_w32_mean_valloss")]),
     ("Embedding (untrained, 72 px)", [
-        ("head: the projection head's 512-d output (the recipe)", "r72_random_mean_valloss"),
+        ("head: the projection head's 512-d output (as the recipe)", "r72_random_mean_valloss"),
         ("pooled: the encoder's pooled features", "r72_random_pooled_mean_valloss")]),
     ("Pretraining method (1 epoch, 72 px, width 16, lr 0.003, batch 64; mean pooling, `val_loss`)", [
         ("`random` (no pretraining)", "r72_random_mean_valloss"),
@@ -203,7 +203,7 @@ FACTORS = [
         ("PAMIL", "r72_random_pamil"),
         ("mean-pooling logistic regression (baseline outside the pipeline)", "r72_random+meanpool")]),
     ("MIL selection (untrained encoder, 72 px)", [
-        ("mean pooling, `val_loss` (the recipe)", "r72_random_mean_valloss"),
+        ("mean pooling, `val_loss` (as the recipe)", "r72_random_mean_valloss"),
         ("mean pooling, `val_auc`", "r72_random_mean"),
         ("ABMIL, `val_auc`", "r72_random"),
         ("ABMIL, `val_loss`", "r72_random_valloss"),
