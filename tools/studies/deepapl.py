@@ -199,7 +199,7 @@ FACTORS = [
         ("`pcgrad_heads` (control: PCGrad)", "r72_pcgrad_heads_e1_mean_valloss")]),
     ("Pretraining epochs (`weakly`, 72 px, seed 0)", [
         ("0 (untrained)", "r72_random_mean_valloss"),
-        ("1 epoch (about 190-210 steps)", "r72_weakly_e1_mean_valloss"),
+        ("1 epoch (175-207 steps per fold)", "r72_weakly_e1_mean_valloss"),
         ("2 epochs", "r72_weakly_e2_mean_valloss")]),
     ("MIL aggregator (untrained encoder, 72 px, `val_auc` selection)", [
         ("mean pooling", "r72_random_mean"),
