@@ -170,8 +170,6 @@ def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float,
     raise ValueError(f"{name}: num_tasks must be an int >= 1, got {num_tasks!r}")
   if eps < 0 or rtol < 0:
     raise ValueError(f"{name}: eps and rtol must be >= 0, got eps={eps}, rtol={rtol}")
-  if not diagnostics and method not in ("sum", "mean"):
-    raise ValueError(f"{name} needs the Gram matrix: diagnostics cannot be turned off")
 
   def init_fn(params):
     del params  # no per-parameter state
@@ -181,7 +179,7 @@ def _transform(method: str, num_tasks: int, seed: int, eps: float, rtol: float,
   def update_fn(updates, state, params=None):
     del params  # not needed (and without the task axis)
     leaves = _check_task_axis(updates, num_tasks, name)
-    if not diagnostics:  # sum / mean only (checked above): the weighted sum, no Gram pass
+    if not diagnostics:  # only sum_tasks / mean_tasks pass it: the weighted sum, no Gram pass
       w = jnp.full((num_tasks,), 1.0 if method == "sum" else 1.0 / num_tasks, _compute_dtype(leaves))
       return weighted_task_sum(updates, w), state
     gram = gram_matrix(updates)
